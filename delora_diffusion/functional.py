@@ -1,0 +1,112 @@
+"""Pure DeLoRA weight math. No nn.Module here, so every formula can be tested alone.
+
+For a frozen weight W (out x in; a conv weight is viewed as out x (in*kh*kw)):
+
+    dW = (lam / r) * B @ diag(1 / (|b_i| |a_i|)) @ A @ diag(w),    w_j = |W[:, j]|
+
+With the `paper` init a frozen pair (A0, B0) is subtracted, so dW = 0 at step 0:
+
+    dW = (lam / r) * (B Xi A - B0 Xi0 A0) @ diag(w)
+
+The fast path never forms dW: it folds the scaling into the factors,
+``A' = A diag(w)`` and ``B' = B diag(lam / (r |a| |b|))``, so ``x -> x A'^T B'^T``
+costs exactly LoRA's two skinny matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-4
+"""Lower clamp for the rank-1 norms; PEFT's value, which makes B = 0 (the `zero` init) well defined."""
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """w_j = |W[:, j]| of a weight viewed as out x in (conv kernels flattened), in fp32."""
+    return weight.detach().float().reshape(weight.shape[0], -1).norm(dim=0)
+
+
+def rank_one_scales(
+    A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor, rank: int, multiplier: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """lam * multiplier / (r |a_i| |b_i|) for each rank-1 term; batched over any leading dims.
+
+    A is (..., r, in) and B is (..., out, r); lam broadcasts against (..., r) (shape (..., 1)).
+    """
+    a_norm = A.norm(dim=-1).clamp_min(NORM_EPS)
+    b_norm = B.norm(dim=-2).clamp_min(NORM_EPS)
+    return lam * multiplier / (rank * a_norm * b_norm)
+
+
+def fold_factors(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    lam: torch.Tensor,
+    w: torch.Tensor,
+    rank: int,
+    multiplier: float | torch.Tensor = 1.0,
+    A0: torch.Tensor | None = None,
+    B0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (A', B') with dW = B' @ A'; batched over leading dims.
+
+    With a frozen pair (A0, B0) the ranks are stacked: A' is (..., 2r, in) and B' is (..., out, 2r).
+    """
+    scales = rank_one_scales(A, B, lam, rank, multiplier)
+    A_folded = A * w.unsqueeze(-2)
+    B_folded = B * scales.unsqueeze(-2)
+    if A0 is None:
+        return A_folded, B_folded
+    scales0 = rank_one_scales(A0, B0, lam, rank, multiplier)
+    A_folded = torch.cat([A_folded, A0 * w.unsqueeze(-2)], dim=-2)
+    B_folded = torch.cat([B_folded, -B0 * scales0.unsqueeze(-2)], dim=-1)
+    return A_folded, B_folded
+
+
+def delta_weight(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    lam: torch.Tensor,
+    w: torch.Tensor,
+    rank: int,
+    multiplier: float | torch.Tensor = 1.0,
+    A0: torch.Tensor | None = None,
+    B0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dW as a dense out x in matrix (for merging, export and the bound checks)."""
+    A_folded, B_folded = fold_factors(A, B, lam, w, rank, multiplier, A0, B0)
+    return B_folded @ A_folded
+
+
+def norm_bound(lam: torch.Tensor | float, w: torch.Tensor, paper_init: bool) -> torch.Tensor:
+    """The guaranteed bound on |dW|_F: |lam| * max_j w_j, doubled when a frozen pair is subtracted."""
+    lam = torch.as_tensor(lam, dtype=torch.float32).abs().reshape(())
+    bound = lam * w.float().max()
+    return 2 * bound if paper_init else bound
+
+
+def lora_factors(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    lam: torch.Tensor,
+    w: torch.Tensor,
+    rank: int,
+    multiplier: float | torch.Tensor = 1.0,
+    A0: torch.Tensor | None = None,
+    B0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact plain-LoRA factors (lora_down, lora_up) with up @ down == dW, for LoRA consumers.
+
+    Use them with alpha == rank of the returned factors (LoRA scale 1).
+    """
+    A_folded, B_folded = fold_factors(
+        A.float(),
+        B.float(),
+        lam.float(),
+        w.float(),
+        rank,
+        multiplier,
+        None if A0 is None else A0.float(),
+        None if B0 is None else B0.float(),
+    )
+    return A_folded.contiguous(), B_folded.contiguous()

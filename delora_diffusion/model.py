@@ -1,0 +1,293 @@
+"""Model-level DeLoRA operations: inject, merge, scale, select, remove. Small functions over the layers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fastpath
+from .config import DeLoRAConfig
+from .layers import (
+    DeLoRAAdapter,
+    DeLoRAAdapters,
+    attach,
+    detach,
+    merge_adapter,
+    unmerge_adapter,
+)
+from .targets import find_targets
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def iter_delora_layers(
+    model: nn.Module, adapter_name: str | None = None
+) -> Iterator[tuple[str, nn.Module, str, DeLoRAAdapter]]:
+    """Yield ``(layer_name, frozen_layer, adapter_name, adapter)`` for every adapter in `model`."""
+    for name, module in model.named_modules():
+        adapters = module._modules.get("delora")
+        if not isinstance(adapters, DeLoRAAdapters):
+            continue
+        for key, adapter in adapters.items():
+            if adapter_name is None or key == adapter_name:
+                yield name, module, key, adapter
+
+
+def get_delora_adapter_names(model: nn.Module) -> list[str]:
+    """Adapter names in injection order."""
+    return list(delora_configs(model)) or sorted({key for _, _, key, _ in iter_delora_layers(model)})
+
+
+def delora_configs(model: nn.Module) -> dict[str, DeLoRAConfig]:
+    """The config each adapter was injected with, by adapter name."""
+    return model.__dict__.setdefault("_delora_configs", {})
+
+
+def _check_adapter_name(model: nn.Module, adapter_name: Any) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
+    if any(True for _ in iter_delora_layers(model, adapter_name)):
+        raise ValueError(
+            f"An adapter named {adapter_name!r} is already injected in {type(model).__name__}; "
+            "pick another adapter_name or remove_delora() it first."
+        )
+
+
+def _require_adapter(model: nn.Module, adapter_name: str) -> None:
+    if not any(True for _ in iter_delora_layers(model, adapter_name)):
+        names = get_delora_adapter_names(model)
+        raise ValueError(
+            f"No DeLoRA adapter named {adapter_name!r} in {type(model).__name__}; it has {names}."
+        )
+
+
+def inject_delora(model: nn.Module, config: DeLoRAConfig, adapter_name: str = "default") -> nn.Module:
+    """Add a DeLoRA adapter to the targeted layers of `model`, in place, and make it the only trainable part.
+
+    All checks run before anything changes, and a failure half-way is rolled back, so on error the model is
+    exactly as it was.
+    """
+    if not isinstance(config, DeLoRAConfig):
+        raise TypeError(f"inject_delora expects a DeLoRAConfig, got {type(config).__name__}.")
+    _check_adapter_name(model, adapter_name)
+    targets = find_targets(model, config)
+    dtype = _DTYPES[config.dtype]
+    created: list[nn.Module] = []
+    try:
+        for name, layer in targets:
+            adapter = DeLoRAAdapter(
+                layer,
+                rank=config.rank_for(name),
+                lambda_init=config.lambda_for(name),
+                init=config.init,
+                module_dropout=config.module_dropout,
+                dtype=dtype,
+            )
+            attach(layer)[adapter_name] = adapter
+            created.append(layer)
+    except BaseException:
+        for layer in created:
+            _drop(layer, adapter_name)
+        fastpath.structure_changed()
+        raise
+    model.requires_grad_(False)
+    for _, _, _, adapter in iter_delora_layers(model, adapter_name):
+        for param in adapter.parameters():
+            param.requires_grad_(True)
+    delora_configs(model)[adapter_name] = config
+    if "_delora_refresh_hook" not in model.__dict__:
+        model.__dict__["_delora_refresh_hook"] = model.register_forward_pre_hook(fastpath.refresh_pre_hook)
+    fastpath.structure_changed()
+    return model
+
+
+def _drop(layer: nn.Module, adapter_name: str) -> None:
+    adapters: DeLoRAAdapters = layer.delora
+    unmerge_adapter(layer, adapters[adapter_name])
+    del adapters[adapter_name]
+    if len(adapters) == 0:
+        detach(layer)
+
+
+def remove_delora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Remove one adapter (or all with None), unmerging first, so the frozen weights are as before."""
+    names = get_delora_adapter_names(model) if adapter_name is None else [adapter_name]
+    if adapter_name is not None:
+        _require_adapter(model, adapter_name)
+    for name in names:
+        for _, layer, _, _ in list(iter_delora_layers(model, name)):
+            _drop(layer, name)
+        delora_configs(model).pop(name, None)
+    if not any(True for _ in iter_delora_layers(model)) and "_delora_refresh_hook" in model.__dict__:
+        model.__dict__.pop("_delora_refresh_hook").remove()
+        model.__dict__.pop("_delora_plan", None)
+    fastpath.structure_changed()
+    return model
+
+
+def merge_delora(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Bake the update of the given (default: active) adapters into the frozen weights."""
+    for name in adapter_names or []:
+        _require_adapter(model, name)
+    for _, layer, key, adapter in iter_delora_layers(model):
+        chosen = (
+            key in adapter_names
+            if adapter_names is not None
+            else adapter.active and not layer.delora.disabled
+        )
+        if chosen:
+            merge_adapter(layer, adapter)
+    return model
+
+
+def unmerge_delora(model: nn.Module) -> nn.Module:
+    """Take every merged update back out of the frozen weights."""
+    for _, layer, _, adapter in iter_delora_layers(model):
+        unmerge_adapter(layer, adapter)
+    return model
+
+
+def _check_scale(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _update_merged(layer: nn.Module, adapter: DeLoRAAdapter, attr: str, value: float) -> None:
+    """Change a run-time multiplier; a merged adapter is re-merged so the weights follow."""
+    was_merged = adapter.merged
+    unmerge_adapter(layer, adapter)
+    setattr(adapter, attr, value)
+    if was_merged:
+        merge_adapter(layer, adapter)
+
+
+def set_delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> nn.Module:
+    """Multiply lambda by `scale` at run time (0 gives the base model exactly, 1 the trained adapter)."""
+    scale = _check_scale(scale, "The DeLoRA scale")
+    if adapter_name is not None:
+        _require_adapter(model, adapter_name)
+    for _, layer, _, adapter in iter_delora_layers(model, adapter_name):
+        _update_merged(layer, adapter, "lambda_scale", scale)
+    return model
+
+
+def get_delora_scale(model: nn.Module, adapter_name: str | None = None) -> float | None:
+    """The current lambda scale (of the first matching adapter), or None without adapters."""
+    for _, _, _, adapter in iter_delora_layers(model, adapter_name):
+        return adapter.lambda_scale
+    return None
+
+
+@contextlib.contextmanager
+def delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> Iterator[nn.Module]:
+    """``with delora_scale(unet, 0.5): ...`` and the previous per-adapter scales come back afterwards."""
+    previous = {
+        (id(a)): (layer, a, a.lambda_scale) for _, layer, _, a in iter_delora_layers(model, adapter_name)
+    }
+    set_delora_scale(model, scale, adapter_name)
+    try:
+        yield model
+    finally:
+        for layer, adapter, old in previous.values():
+            _update_merged(layer, adapter, "lambda_scale", old)
+
+
+def set_delora_adapters(
+    model: nn.Module, adapter_names: str | list[str], weights: float | list[float] | None = None
+) -> nn.Module:
+    """Make exactly these adapters active, each with its weight (default 1.0); the others are switched off."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if weights is None:
+        weights = [1.0] * len(names)
+    elif not isinstance(weights, (list, tuple)):
+        weights = [weights] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(
+            f"Got {len(names)} adapter names but {len(weights)} weights; pass one weight per name."
+        )
+    for name in names:
+        _require_adapter(model, name)
+    chosen = {n: _check_scale(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)}
+    for _, layer, key, adapter in iter_delora_layers(model):
+        if key in chosen:
+            _update_merged(layer, adapter, "adapter_weight", chosen[key])
+        adapter.active = key in chosen
+    return model
+
+
+def _set_disabled(model: nn.Module, disabled: bool) -> nn.Module:
+    for _, layer, _, adapter in iter_delora_layers(model):
+        if disabled:
+            unmerge_adapter(layer, adapter)
+        layer.delora.disabled = disabled
+    return model
+
+
+def disable_delora(model: nn.Module) -> nn.Module:
+    """Switch every adapter off (merged ones are unmerged) until enable_delora."""
+    return _set_disabled(model, True)
+
+
+def enable_delora(model: nn.Module) -> nn.Module:
+    return _set_disabled(model, False)
+
+
+def delora_parameters(
+    model: nn.Module, adapter_name: str | None = None, lr: float | None = None, lambda_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: A/B apart from lambda, so lambda can have its own learning rate.
+
+    Only trainable parameters are returned. `lr` / `lambda_lr`, when given, set each group's learning rate.
+    """
+    factors: list[nn.Parameter] = []
+    lambdas: list[nn.Parameter] = []
+    for _, _, _, adapter in iter_delora_layers(model, adapter_name):
+        factors += [p for p in (adapter.delora_A, adapter.delora_B) if p.requires_grad]
+        if adapter.delora_lambda.requires_grad:
+            lambdas.append(adapter.delora_lambda)
+    groups = [{"params": factors, "name": "delora_AB"}, {"params": lambdas, "name": "delora_lambda"}]
+    for group, value in zip(groups, (lr, lambda_lr), strict=True):
+        if value is not None:
+            group["lr"] = value
+    return [g for g in groups if g["params"]]
+
+
+def delora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed ``<layer>.<tensor name>`` (no adapter name), e.g. ``...to_q.delora_A``."""
+    state: dict[str, torch.Tensor] = {}
+    for layer_name, _, _, adapter in iter_delora_layers(model, adapter_name):
+        for key, tensor in list(adapter.named_parameters()) + list(adapter.named_buffers()):
+            state[f"{layer_name}.{key}"] = tensor.detach()
+    return state
+
+
+def delora_norm_report(model: nn.Module, adapter_name: str | None = None) -> list[dict[str, Any]]:
+    """Per layer: lambda, the guaranteed bound on |dW|_F, and the actual |dW|_F / |W|_F at the current scale."""
+    from . import functional
+
+    rows = []
+    with torch.no_grad():
+        for layer_name, layer, key, adapter in iter_delora_layers(model, adapter_name):
+            delta = adapter.delta_weight()
+            weight_norm = layer.weight.float().norm().item()
+            lam = adapter.delora_lambda.float() * adapter.multiplier
+            bound = functional.norm_bound(lam, adapter.delora_w_norm, adapter.init == "paper").item()
+            rows.append(
+                {
+                    "layer": layer_name,
+                    "adapter": key,
+                    "rank": adapter.rank,
+                    "lambda": adapter.delora_lambda.item(),
+                    "delta_norm": delta.norm().item(),
+                    "bound": bound,
+                    "relative_delta": delta.norm().item() / max(weight_norm, 1e-12),
+                    "relative_bound": bound / max(weight_norm, 1e-12),
+                }
+            )
+    return rows
