@@ -62,6 +62,12 @@ class DeLoRAAdapter(nn.Module):
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache_stamp: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the factor cache behind (it may hold a training graph)."""
+        state = self.__dict__.copy()
+        state["_cache"] = state["_cache_stamp"] = None
+        return state
+
     @property
     def frozen_pair(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return getattr(self, "delora_A0", None), getattr(self, "delora_B0", None)
