@@ -176,9 +176,13 @@ def stage_vae(args) -> None:
             log(f"vae {step} mse {mse.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(to_unit(images[i : i + 256])).latent_dist.mean for i in range(0, 2048, 256)])
+        lat = torch.cat(
+            [vae.encode(to_unit(images[i : i + 256])).latent_dist.mean for i in range(0, 2048, 256)]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
-    log(f"vae: latent std {lat.std():.3f} mean {lat.mean():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}")
+    log(
+        f"vae: latent std {lat.std():.3f} mean {lat.mean():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}"
+    )
     vae.save_pretrained(args.work_dir / "vae")
 
 
@@ -200,13 +204,17 @@ def probe_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[st
     for _ in range(n):
         s = world.sample_scene(rng, include_held_out=True, size_range=(0.38, 0.74))
         if s.pattern != "plain" and rng.random() < 0.3:
-            s = world.Scene(**{**s.__dict__, "accent": str(rng.choice([c for c in world.COLORS if c != s.color]))})
+            s = world.Scene(
+                **{**s.__dict__, "accent": str(rng.choice([c for c in world.COLORS if c != s.color]))}
+            )
         scenes.append(s)
     x = world.to_tensor([world.render(s) for s in scenes])
     labels = {}
     for k, values in HEADS.items():
         if k == "accent":
-            labels[k] = torch.tensor([values.index(s.accent or "none") if s.pattern != "plain" else 0 for s in scenes])
+            labels[k] = torch.tensor(
+                [values.index(s.accent or "none") if s.pattern != "plain" else 0 for s in scenes]
+            )
         else:
             labels[k] = torch.tensor([values.index(getattr(s, k)) for s in scenes])
     return x, labels
@@ -281,7 +289,9 @@ def stage_unet(args) -> None:
     rng = np.random.default_rng(args.seed + 3)
     g = torch.Generator().manual_seed(args.seed + 3)
     text_encoder, unet = build_text_encoder(tokenizer), build_unet()
-    noise_sched = DDPMScheduler(**{k: v for k, v in train_scheduler_config().items() if k != "set_alpha_to_one"})
+    noise_sched = DDPMScheduler(
+        **{k: v for k, v in train_scheduler_config().items() if k != "set_alpha_to_one"}
+    )
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -290,15 +300,20 @@ def stage_unet(args) -> None:
     ema_unet, ema_text = EMA(unet, args.ema), EMA(text_encoder, args.ema)
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     n_text = sum(p.numel() for p in text_encoder.parameters()) / 1e6
-    log(f"unet: {n_unet:.2f}M params, text encoder {n_text:.2f}M, {args.unet_steps} steps, batch {args.unet_batch}")
+    log(
+        f"unet: {n_unet:.2f}M params, text encoder {n_text:.2f}M, {args.unet_steps} steps, batch {args.unet_batch}"
+    )
     t0 = time.time()
     run_loss = 0.0
     for step in range(args.unet_steps):
         idx = torch.randint(0, len(latents), (args.unet_batch,), generator=g)
         caps = [
-            "" if rng.random() < args.p_uncond else world.training_caption(scenes[i], rng) for i in idx.tolist()
+            "" if rng.random() < args.p_uncond else world.training_caption(scenes[i], rng)
+            for i in idx.tolist()
         ]
-        ids = tokenizer(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        ids = tokenizer(
+            caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        )
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(idx),), generator=g)

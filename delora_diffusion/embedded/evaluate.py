@@ -68,6 +68,8 @@ def evaluate_base_model(
             predicted[a] += pred[a]
     acc = attribute_accuracy(predicted, scenes)
     if verbose:
-        print(f"prompt following, {n} captions, {num_inference_steps} steps, guidance {guidance_scale}, seed {seed}:")
+        print(
+            f"prompt following, {n} captions, {num_inference_steps} steps, guidance {guidance_scale}, seed {seed}:"
+        )
         print("  " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     return acc

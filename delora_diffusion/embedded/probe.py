@@ -37,7 +37,11 @@ class Probe(nn.Module):
 
     def __init__(self, width: int = 16, embed_dim: int = 128):
         super().__init__()
-        self.config = {"width": width, "embed_dim": embed_dim, "heads": {k: list(v) for k, v in HEADS.items()}}
+        self.config = {
+            "width": width,
+            "embed_dim": embed_dim,
+            "heads": {k: list(v) for k, v in HEADS.items()},
+        }
         w = width
         self.stages = nn.ModuleList(
             [_block(3, w, convs=1), _block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 4 * w)]

@@ -50,7 +50,9 @@ class Subject:
         return [Image.open(p).convert("RGB") for p in self.heldout_paths]
 
 
-def _views(template: world.Scene, n: int, rng: np.random.Generator, backgrounds: list[str]) -> list[world.Scene]:
+def _views(
+    template: world.Scene, n: int, rng: np.random.Generator, backgrounds: list[str]
+) -> list[world.Scene]:
     views = []
     for i in range(n):
         scene = world.rejitter(template, rng)
@@ -83,7 +85,9 @@ def write_subjects(out_dir: str | Path = SUBJECTS_DIR, seed: int = 0) -> list[Pa
             "description": world.caption(template).replace(" on a white background", ""),
             "images": [f"{i:02d}.png" for i in range(N_TRAIN)],
             "heldout_images": [f"heldout/{i:02d}.png" for i in range(N_HELDOUT)],
-            "validation_prompts": [f"a photo of {token} {noun} on a {b} background" for b in world.BACKGROUNDS],
+            "validation_prompts": [
+                f"a photo of {token} {noun} on a {b} background" for b in world.BACKGROUNDS
+            ],
         }
         del meta["attributes"]["background"]
         (folder / "subject.json").write_text(json.dumps(meta, indent=2) + "\n")

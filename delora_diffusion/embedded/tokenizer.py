@@ -74,7 +74,9 @@ def write_tokenizer_files(out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
     return out
 
 

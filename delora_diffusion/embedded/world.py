@@ -41,7 +41,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUNDS),
 }
 # (shape, color, pattern) triples that base training never shows; the bundled subjects use them.
-HELD_OUT: frozenset[tuple[str, str, str]] = frozenset({("star", "red", "striped"), ("square", "blue", "dotted")})
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {("star", "red", "striped"), ("square", "blue", "dotted")}
+)
 # Spare tokens that carry no meaning in the world: identifiers for DreamBooth subjects.
 RARE_TOKENS: tuple[str, ...] = ("sks", "zxq", "ohwx", "qwv", "vkp")
 _SHADE = 0.4  # default stripes and dots: the object colour, darkened
@@ -65,7 +67,12 @@ class Scene:
 
     def attributes(self) -> dict[str, str]:
         """The attributes a probe can check, keyed like ``ATTRIBUTES``."""
-        return {"shape": self.shape, "color": self.color, "pattern": self.pattern, "background": self.background}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "pattern": self.pattern,
+            "background": self.background,
+        }
 
 
 def _jitter(rng: np.random.Generator, size_range: tuple[float, float]) -> tuple[float, float, float]:
@@ -105,7 +112,9 @@ def caption(scene: Scene) -> str:
     return f"a {scene.color} {scene.pattern} {scene.shape} on a {scene.background} background"
 
 
-def training_caption(scene: Scene, rng: np.random.Generator, p_drop: float = 0.15, p_rare: float = 0.05) -> str:
+def training_caption(
+    scene: Scene, rng: np.random.Generator, p_drop: float = 0.15, p_rare: float = 0.05
+) -> str:
     """A varied caption for base training: attributes are sometimes left out, so that short prompts
     ("a photo of a star") mean "any star", and a rare token is sometimes inserted, so that DreamBooth
     identifiers start out as harmless known tokens, as "sks" is in real text encoders."""
@@ -219,7 +228,9 @@ def to_tensor(images: list[Image.Image]):
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def render_dataset(n: int, seed: int, size: int = 64, include_held_out: bool = False) -> tuple[np.ndarray, list[Scene]]:
+def render_dataset(
+    n: int, seed: int, size: int = 64, include_held_out: bool = False
+) -> tuple[np.ndarray, list[Scene]]:
     """``n`` random scenes rendered to a uint8 array (N, H, W, 3): the fixed training sets are made with it."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, include_held_out=include_held_out) for _ in range(n)]
