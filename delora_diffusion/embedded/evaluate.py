@@ -73,3 +73,74 @@ def evaluate_base_model(
         )
         print("  " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     return acc
+
+
+def subject_prompts(
+    subject, backgrounds: tuple[str, ...] = tuple(world.BACKGROUNDS)
+) -> list[tuple[str, str]]:
+    """(prompt, background) pairs that put the subject in new contexts: "a photo of sks star on a pink background"."""
+    return [(f"a photo of {subject.token} {subject.class_noun} on a {b} background", b) for b in backgrounds]
+
+
+def drift_prompts(subject, n: int = 6, seed: int = 0) -> list[str]:
+    """Prompts not about the subject: its class prompt, and base-world captions (as PEFT's "a photo of cat")."""
+    return [subject.class_prompt] + [world.caption(s) for s in eval_scenes(n - 1, seed=seed + 500)]
+
+
+def _generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:
+    """Images in [-1, 1], one per prompt, each from its own fixed seed so base and adapted runs pair up."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pt"
+    )
+    return out.images * 2 - 1
+
+
+@torch.no_grad()
+def subject_scores(
+    pipe,
+    subject,
+    probe: Probe | None = None,
+    per_prompt: int = 2,
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How well a personalized pipeline renders its subject in new contexts, read by the probe.
+
+    - ``subject_similarity``: mean cosine between probe embeddings of the generations and of the subject's
+      held-out views (stands in for DINOv2 similarity);
+    - ``subject_attributes``: fraction of generations whose shape, colour, pattern and accent all match;
+    - ``background_accuracy``: fraction whose background follows the prompt (prompt fidelity).
+    """
+    probe = probe or load_probe()
+    pairs = [p for p in subject_prompts(subject) for _ in range(per_prompt)]
+    images = _generate(pipe, [p for p, _ in pairs], seed, steps, guidance)
+    reference = probe.embed(subject.heldout_images())
+    similarity = float((probe.embed(images) @ reference.T).mean())
+    predicted = probe.predict(images)
+    keys = ("shape", "color", "pattern", "accent")
+    hits = [all(predicted[k][i] == subject.attributes[k] for k in keys) for i in range(len(pairs))]
+    background = [predicted["background"][i] == b for i, (_, b) in enumerate(pairs)]
+    return {
+        "subject_similarity": similarity,
+        "subject_attributes": float(np.mean(hits)),
+        "background_accuracy": float(np.mean(background)),
+    }
+
+
+@torch.no_grad()
+def drift(
+    base_images: torch.Tensor,
+    adapted_images: torch.Tensor,
+    probe: Probe | None = None,
+) -> float:
+    """PEFT's drift: ``(1 - mean cosine(base, adapted)) / 2`` over same-prompt, same-seed pairs; in [0, 1]."""
+    probe = probe or load_probe()
+    cos = (probe.embed(base_images) * probe.embed(adapted_images)).sum(-1)
+    return float((1 - cos.mean()) / 2)
+
+
+def generate_for_drift(pipe, subject, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> torch.Tensor:
+    """The drift prompts' generations; call once on the base pipeline and once on each adapted one."""
+    return _generate(pipe, drift_prompts(subject, seed=seed), seed, steps, guidance)
