@@ -3,7 +3,9 @@
 ``import delora_diffusion`` is all it takes for diffusers pipelines to gain ``load_delora_weights`` & co.
 """
 
+from . import io, pipeline  # pipeline adds load_delora_weights & co to DiffusionPipeline
 from .config import DeLoRAConfig
+from .io import WEIGHT_NAME, DeLoRAFileError, read_delora_file, save_delora_file
 from .model import (
     delora_configs,
     delora_norm_report,
@@ -27,6 +29,12 @@ from .targets import PRESETS
 __version__ = "0.1.0"
 
 __all__ = [
+    "WEIGHT_NAME",
+    "DeLoRAFileError",
+    "io",
+    "pipeline",
+    "read_delora_file",
+    "save_delora_file",
     "PRESETS",
     "DeLoRAConfig",
     "delora_configs",
