@@ -1,0 +1,28 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet, epsilon or v-prediction from the scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import DDPMObjective, Family, Noised, tokenize
+
+
+class StableDiffusion(DDPMObjective, Family):
+    name = "sd"
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    )
+
+    def encode_prompts(self, tokenizers, encoders, prompts, args) -> dict[str, torch.Tensor]:
+        ids = tokenize(tokenizers["tokenizer"], prompts)
+        return {"prompt_embeds": encoders["text_encoder"](ids.to(self.device))[0]}
+
+    def predict(self, denoiser: Any, noised: Noised, cond, batch, args) -> torch.Tensor:
+        pred = denoiser(noised.noisy, noised.timesteps, cond["prompt_embeds"], return_dict=False)[0]
+        if pred.shape[1] == 2 * noised.noisy.shape[1]:  # learned variance: train the mean only
+            pred = pred[:, : noised.noisy.shape[1]]
+        return pred

@@ -1,0 +1,360 @@
+"""DreamBooth DeLoRA training script: the real script through ``accelerate launch`` on tiny pipelines.
+
+Runs are a few steps at resolution 32 (Flux 16) on CPU. Bad inputs and data handling are checked in-process
+through the same ``main`` the script calls (they fail before any model loads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_pipelines as tp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_scripts" / "dreambooth_delora.py"
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--cpu",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--num_cpu_threads_per_process",
+    "2",
+]
+RES = {"sd": 32, "sdxl": 32, "sd3": 32, "flux": 16}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
+    return e
+
+
+def launch(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*LAUNCH, str(SCRIPT), *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: maker(root / family) for family, maker in tp.MAKERS.items()}
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("instance")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = (rng.random((40, 48, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (folder / "1.txt").write_text("a photo of sks dog on grass")
+    return folder
+
+
+def common(model: Path, instance_dir: Path, out: Path, family: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(instance_dir),
+        "--instance_prompt",
+        "a photo of sks dog",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(RES[family]),
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--rank",
+        "2",
+        "--seed",
+        "0",
+        "--max_sequence_length",
+        "16",
+        "--report_to",
+        "none",
+    ]
+
+
+def validation_flags() -> list[str]:
+    return [
+        "--validation_prompt",
+        "a photo of sks dog",
+        "--num_validation_images",
+        "1",
+        "--validation_inference_steps",
+        "2",
+    ]
+
+
+def metadata(path: Path) -> dict:
+    from delora_diffusion.io import read_safetensors_header
+
+    return read_safetensors_header(path)[1]
+
+
+def assert_adapter_changes_output(model: Path, out: Path, family: str) -> None:
+    import delora_diffusion  # noqa: F401  (adds load_delora_weights)
+
+    pipe = tp.load_pipeline(model)
+    before = tp.run(pipe, family)
+    pipe.load_delora_weights(out)
+    after = tp.run(pipe, family)
+    assert np.isfinite(after).all()
+    assert np.abs(after - before).max() > 1e-4, "the trained adapter does not change the images"
+
+
+# --- real runs ---------------------------------------------------------------------------------------------
+
+
+def test_sd_prior_preservation_text_encoder_checkpoint_resume(models, instance_dir, tmp_path):
+    """Class images generated (reusing existing ones), text encoder trained, checkpoints pruned, resume."""
+    out, class_dir = tmp_path / "out", tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (32, 32), "red").save(class_dir / "mine.png")
+    args = common(models["sd"], instance_dir, out, "sd") + [
+        "--with_prior_preservation",
+        "--class_data_dir",
+        str(class_dir),
+        "--class_prompt",
+        "a photo of a dog",
+        "--num_class_images",
+        "3",
+        "--sample_batch_size",
+        "2",
+        "--train_text_encoder",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "1",
+        "--snr_gamma",
+        "5",
+    ]
+    launch(*args, "--max_train_steps", "2", *validation_flags())
+    class_images = sorted(p.name for p in class_dir.iterdir())
+    assert len(class_images) == 3 and "mine.png" in class_images
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "delora_weights.safetensors").is_file()
+    for name in ("delora_weights.safetensors", "README.md", "validation/final.png", "validation/lambda_sweep.png"):
+        assert (out / name).is_file(), name
+    sweep = Image.open(out / "validation" / "lambda_sweep.png")
+    assert sweep.size == (32, 4 * 32)  # one row per lambda scale
+    card = (out / "README.md").read_text()
+    assert "a photo of sks dog" in card and "load_delora_weights" in card and "lambda_sweep.png" in card
+
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "delora_weights.safetensors").keys()
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    meta = json.dumps(metadata(out / "delora_weights.safetensors"))
+    assert str(Path(models["sd"]).resolve()) in meta and str(instance_dir.resolve()) in meta
+
+    resumed = launch(*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert "Resuming from" in resumed.stderr + resumed.stdout
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert len(list(class_dir.iterdir())) == 3  # nothing regenerated
+    assert_adapter_changes_output(models["sd"], out, "sd")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_family_runs_and_reloads(family, models, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    launch(*common(models[family], instance_dir, out, family), "--max_train_steps", "2", *validation_flags())
+    assert (out / "validation" / "lambda_sweep.png").is_file()
+    assert_adapter_changes_output(models[family], out, family)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(models, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    args = common(models["sd"], instance_dir, out, "sd") + ["--learning_rate", "1e30", "--max_grad_norm", "1e30"]
+    proc = launch(*args, "--max_train_steps", "30", "--checkpointing_steps", "1", check=False)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr and "5 steps in a row" in proc.stderr
+    checkpoints = [p.name for p in out.glob("checkpoint-*")]
+    assert checkpoints and not any(c.endswith(".tmp") for c in checkpoints)
+    assert not (out / "delora_weights.safetensors").exists()
+
+
+DDP_WRAPPER = """
+import sys, torch
+from safetensors.torch import save_file
+from delora_diffusion.training import parse_args, train
+from delora_diffusion.training.checkpointing import adapter_tensors
+result = train(parse_args(sys.argv[2:]))
+rank = torch.distributed.get_rank()
+state = {f"{n}.{k}": v.contiguous() for n, m in result.adapted.items() for k, v in adapter_tensors(m).items()}
+save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors", metadata={"world": str(torch.distributed.get_world_size())})
+"""
+
+
+def test_two_process_ddp_identical_adapters(models, instance_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from delora_diffusion.io import read_delora_file
+
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(DDP_WRAPPER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd += [str(wrapper), str(tmp_path), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "2"]
+    cmd += ["--train_batch_size", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "MULTI_CPU" in proc.stderr + proc.stdout
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    with safe_open(tmp_path / "rank0.safetensors", "pt") as f:
+        assert f.metadata()["world"] == "2"
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    initial = ranks[0]
+    assert any("delora_lambda" in k and not torch.allclose(v, torch.tensor(15.0)) for k, v in initial.items())
+    layers, _ = read_delora_file(out / "delora_weights.safetensors")
+    saved = {
+        f"{layer}.{tensor}": value for layer, tensors in layers["unet"].items() for tensor, value in tensors.items()
+    }
+    for key, value in ranks[0].items():
+        layer, tensor = key.removeprefix("unet.").split(".delora.default.")
+        assert torch.equal(saved[f"{layer}.{tensor}"], value), key
+
+
+def test_embedded_default_run(tmp_path):
+    from delora_diffusion.embedded import default_model_path
+
+    if not (default_model_path() / "model_index.json").is_file():
+        pytest.skip("the bundled model is not built yet")
+    out = tmp_path / "out"
+    launch("--output_dir", str(out), "--max_train_steps", "2", "--num_validation_images", "1")
+    meta = json.dumps(metadata(out / "delora_weights.safetensors"))
+    assert str(default_model_path().resolve()) in meta and "striped_star" in meta
+    assert (out / "validation" / "lambda_sweep.png").is_file() and (out / "README.md").is_file()
+
+
+# --- bad inputs (in-process; they fail before any model loads) ---------------------------------------------
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    from delora_diffusion.training import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
+    base = ["--pretrained_model_name_or_path", str(models["sd"]), "--instance_prompt", "a photo of sks dog"]
+    base += ["--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    cases = {
+        "does not exist": ["--instance_data_dir", str(tmp_path / "missing")],
+        "No usable image": ["--instance_data_dir", str(empty)],
+        "a.png": ["--instance_data_dir", str(broken)],
+        "not divisible by 2": ["--instance_data_dir", str(instance_dir), "--resolution", "33"],
+        "needs --class_prompt": ["--instance_data_dir", str(instance_dir), "--with_prior_preservation"],
+        "no checkpoint-N": ["--instance_data_dir", str(instance_dir), "--resume_from_checkpoint", "latest"],
+        "pip install prodigyopt": ["--instance_data_dir", str(instance_dir), "--optimizer", "prodigy"],
+        "pip install bitsandbytes": ["--instance_data_dir", str(instance_dir), "--use_8bit_adam"],
+        "pip install tensorboard": ["--instance_data_dir", str(instance_dir), "--report_to", "tensorboard"],
+    }
+    for expected, extra in cases.items():
+        code, err = run_main(base + extra, capsys)
+        assert code == 2 and expected in err, (expected, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_input_through_accelerate_launch(tmp_path, models):
+    proc = launch(
+        "--pretrained_model_name_or_path", str(models["flux"]), "--instance_data_dir", str(tmp_path / "nope"),
+        "--instance_prompt", "x", "--output_dir", str(tmp_path / "o"), check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "instance data dir" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_no_flags_means_embedded_default():
+    from delora_diffusion.embedded import default_model_path
+    from delora_diffusion.training import DEFAULT_OUTPUT_DIR, EMBEDDED_DEFAULTS, parse_args
+    from delora_diffusion.training.args import resolve_embedded
+
+    args = resolve_embedded(parse_args([]))
+    assert args.pretrained_model_name_or_path == str(default_model_path())
+    assert args.output_dir == DEFAULT_OUTPUT_DIR and args.resolution == EMBEDDED_DEFAULTS["resolution"] == 64
+    assert args.instance_prompt == "a photo of sks star" and args.class_prompt == "a photo of a star"
+    assert "sks star" in args.validation_prompt
+    assert args.learning_rate == EMBEDDED_DEFAULTS["learning_rate"]
+    # flags the user gives win over the embedded defaults
+    assert parse_args(["--rank", "3", "--output_dir", "x"]).rank == 3
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def test_data_formats_exif_modes_captions_and_unreadable(tmp_path, caplog):
+    from delora_diffusion.training.data import read_examples
+
+    folder = tmp_path / "imgs"
+    (folder / "heldout").mkdir(parents=True)
+    Image.new("RGB", (40, 40), "blue").save(folder / "heldout" / "x.png")  # sub-folders are not read
+    Image.new("L", (40, 40), 128).save(folder / "gray.jpg")
+    Image.new("RGBA", (40, 40), (255, 0, 0, 128)).save(folder / "alpha.png")
+    Image.new("CMYK", (40, 40), (0, 255, 0, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGB", (40, 40), "green").save(folder / "web.webp")
+    Image.new("RGB", (40, 40), "green").save(folder / "bit.bmp")
+    rotated = Image.new("RGB", (60, 40), "white")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees when shown
+    rotated.save(folder / "rot.jpg", exif=exif)
+    (folder / "rot.txt").write_text("a photo of sks dog upside down\n")
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    (folder / "notes.md").write_text("ignored")
+    with caplog.at_level("WARNING"):
+        examples = read_examples(folder, "a photo of sks dog", 32)
+    names = sorted(e.path.name for e in examples)
+    assert names == ["alpha.png", "bit.bmp", "cmyk.jpg", "gray.jpg", "rot.jpg", "web.webp"]
+    assert all(e.image.mode == "RGB" and min(e.image.size) == 32 for e in examples)
+    by_name = {e.path.name: e for e in examples}
+    assert by_name["rot.jpg"].original_size == (60, 40)  # (height, width) after EXIF transpose
+    assert by_name["rot.jpg"].prompt == "a photo of sks dog upside down"
+    assert by_name["gray.jpg"].prompt == "a photo of sks dog"
+    assert "broken.png" in caplog.text and "Skipped 1" in caplog.text
+
+
+def test_dataset_batches_with_prior_preservation(tmp_path):
+    from delora_diffusion.training.data import DreamBoothDataset, collate, read_examples
+
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (48, 32), color).save(tmp_path / name)
+    instances = read_examples(tmp_path, "sks", 32)
+    dataset = DreamBoothDataset(instances, 32, classes=instances[:1], repeats=3, random_flip=True)
+    assert len(dataset) == 6
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["num_instance"] == 2
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
