@@ -147,15 +147,18 @@ def save_delora_file(
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {}
     classes: dict[str, str] = {}
+    conv_shapes: dict[str, dict[str, list[int]]] = {}
     for component, module in components.items():
         if module is None:
             continue
         if "." in component or not component:
             raise ValueError(f"Component names must be non-empty and without '.', got {component!r}.")
         found = False
-        for layer_name, _, _, adapter in iter_delora_layers(module, adapter_name):
+        for layer_name, base, _, adapter in iter_delora_layers(module, adapter_name):
             found = True
             layer = canonical_layer_name(layer_name)
+            if base.weight.ndim > 2:
+                conv_shapes.setdefault(component, {})[layer] = list(base.weight.shape)
             for key, tensor in list(adapter.named_parameters()) + list(adapter.named_buffers()):
                 tensors[f"{component}.{layer}.{key}"] = tensor.detach().cpu().contiguous().clone()
         if not found:
@@ -184,6 +187,7 @@ def save_delora_file(
         "delora_component_classes": _json(classes),
         "delora_configs": _json(configs),
         "delora_w_norm_fingerprint": _json({c: w_norm_fingerprint(per_component[c]) for c in configs}),
+        "delora_conv_shapes": _json(conv_shapes),
         "delora_checksum": tensor_checksum(tensors),
     }
     if base_model is not None:
@@ -334,6 +338,7 @@ def parse_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
         "base_model": metadata.get("delora_base_model"),
         "pipeline_class": metadata.get("delora_pipeline_class"),
         "training_args": _parse_json(metadata, "delora_training_args", path),
+        "conv_shapes": _parse_json(metadata, "delora_conv_shapes", path, {}),
         "checksum": metadata.get("delora_checksum"),
     }
     for component in parsed["components"]:
@@ -613,7 +618,11 @@ def load_adapter(
         return _load_from_directory(path, weight_name, component)
     if path.is_file():
         return _load_from_file(path, component)
-    if path.suffix in (".safetensors", ".json") or str(source).startswith(("/", ".", "~")) or os.path.isabs(source):
+    if (
+        path.suffix in (".safetensors", ".json")
+        or str(source).startswith(("/", ".", "~"))
+        or os.path.isabs(source)
+    ):
         raise FileNotFoundError(f"Adapter path {str(path)!r} does not exist; check the path.")
     return _load_from_hub(str(source), weight_name, subfolder, component, **hub_kwargs)
 

@@ -42,7 +42,7 @@ def make_nontrivial(module: torch.nn.Module, adapter_name: str = "default", seed
             adapter.delora_lambda.mul_(1.0 + 0.5 * torch.rand(1, generator=generator))
 
 
-def inject_family_adapter(pipe, family: str, adapter_name: str = "default", seed: int = 0, lam: float = 1.0):
+def inject_family_adapter(pipe, family: str, adapter_name: str = "default", seed: int = 0, lam: float = 6.0):
     for component in ADAPTED[family]:
         module = getattr(pipe, component)
         config = dd.DeLoRAConfig(rank=2, lambda_init=lam, init=INIT[family])

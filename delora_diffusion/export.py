@@ -1,0 +1,248 @@
+"""Exports: a DeLoRA adapter as an exact plain LoRA (diffusers/PEFT or kohya keys), and as a PEFT DeLoRA adapter.
+
+LoRA. At a fixed lambda scale, dW = B' A' with ``A' = A diag(w)`` and ``B' = (lam s / r) B Xi`` (the frozen pair
+stacked in for the paper init, so the LoRA rank is 2r there): see :func:`delora_diffusion.functional.lora_factors`.
+The factors are written with alpha equal to their rank (LoRA scale 1), so every LoRA consumer reproduces the
+adapter exactly at that scale.
+
+PEFT DeLoRA. ``init="zero"`` adapters are PEFT's formula already. A paper-init adapter
+``(lam/r)(B Xi A - B0 Xi0 A0) diag(w)`` becomes a PEFT adapter of rank 2r with ``A = [A; A0]``,
+``B = [B, -B0]`` and lambda 2*lam: each rank-1 term is normalised on its own, so this is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import functional, io
+
+LORA_FORMATS = ("diffusers", "kohya")
+
+# Components diffusers' LoRA loaders (and ComfyUI/A1111) take LoRA weights for: T5 encoders are not among them.
+_T5_CLASSES = ("T5EncoderModel",)
+_MULTI_ENCODER = re.compile(r"^(StableDiffusionXL|StableDiffusion3|Flux|Kolors|HunyuanDiT)")
+
+
+def _layers(data: io.AdapterData, component: str) -> dict[str, dict[str, torch.Tensor]]:
+    return io.split_layers(data.tensors[component])
+
+
+def _check_routed(data: io.AdapterData) -> None:
+    if "" in data.tensors:
+        raise ValueError(
+            f"{data.source!r} is a PEFT adapter without a known component; pass component= (e.g. 'unet')."
+        )
+
+
+def _unsupported_components(data: io.AdapterData) -> list[str]:
+    classes = data.metadata.get("component_classes", {})
+    return [c for c in data.tensors if classes.get(c) in _T5_CLASSES]
+
+
+def lora_factors_per_layer(
+    data: io.AdapterData, scale: float = 1.0, skip_unsupported: bool = False
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``{component: {layer: (down, up)}}`` with ``up @ down == dW`` at lambda scale `scale`.
+
+    Conv layers get conv-shaped factors (down: r x in x kh x kw, up: out x r x 1 x 1). T5 components raise
+    (no LoRA consumer loads them) unless `skip_unsupported`, which leaves them out with a warning.
+    """
+    _check_routed(data)
+    unsupported = _unsupported_components(data)
+    if unsupported and not skip_unsupported:
+        raise ValueError(
+            f"{data.source!r} adapts {unsupported} (T5 encoders), which diffusers' load_lora_weights, ComfyUI "
+            "and A1111 do not load as LoRA. Pass skip_unsupported=True (CLI: --skip-unsupported) to export the "
+            "other components; images then differ by the T5 adapter's effect."
+        )
+    if unsupported:
+        warnings.warn(
+            f"Leaving {unsupported} out of the LoRA export (T5 LoRA is not loadable).", stacklevel=2
+        )
+    conv_shapes = data.metadata.get("conv_shapes") or {}
+    result: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for component in data.tensors:
+        if component in unsupported:
+            continue
+        layers = {}
+        for layer, named in _layers(data, component).items():
+            A = named["delora_A"]
+            down, up = functional.lora_factors(
+                A,
+                named["delora_B"],
+                named["delora_lambda"],
+                named["delora_w_norm"],
+                A.shape[0],
+                scale,
+                named.get("delora_A0"),
+                named.get("delora_B0"),
+            )
+            shape = conv_shapes.get(component, {}).get(layer)
+            if shape is not None:
+                down = down.reshape(down.shape[0], *shape[1:])
+                up = up[:, :, None, None]
+            layers[layer] = (down.contiguous(), up.contiguous())
+        result[component] = layers
+    return result
+
+
+def _kohya_prefix(component: str, data: io.AdapterData) -> str:
+    pipeline_class = data.metadata.get("pipeline_class") or ""
+    multi = bool(_MULTI_ENCODER.match(pipeline_class)) or any(
+        c in data.tensors for c in ("text_encoder_2", "text_encoder_3")
+    )
+    return {
+        "unet": "lora_unet",
+        "transformer": "lora_transformer",
+        "text_encoder": "lora_te1" if multi else "lora_te",
+        "text_encoder_2": "lora_te2",
+        "text_encoder_3": "lora_te3",
+    }[component]
+
+
+def to_lora_state_dict(
+    data: io.AdapterData, format: str = "diffusers", scale: float = 1.0, skip_unsupported: bool = False
+) -> dict[str, torch.Tensor]:
+    """The adapter as a plain LoRA state dict at lambda scale `scale`.
+
+    ``diffusers``: ``<component>.<layer>.lora_A.weight`` / ``lora_B.weight`` (PEFT names, no alphas: scale 1).
+    ``kohya``: ``lora_unet_<layer with _>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (= rank), with
+    ``lora_te`` / ``lora_te1`` / ``lora_te2`` for the text encoders and ``lora_transformer`` for DiTs.
+    """
+    if format not in LORA_FORMATS:
+        raise ValueError(f"Unknown LoRA format {format!r}; choose one of {LORA_FORMATS}.")
+    classes = data.metadata.get("component_classes", {})
+    out: dict[str, torch.Tensor] = {}
+    for component, layers in lora_factors_per_layer(data, scale, skip_unsupported).items():
+        for layer, (down, up) in layers.items():
+            if format == "diffusers":
+                out[f"{component}.{layer}.lora_A.weight"] = down
+                out[f"{component}.{layer}.lora_B.weight"] = up
+                continue
+            name = layer
+            if classes.get(component, "").startswith("CLIP") and not name.startswith("text_model."):
+                name = "text_model." + name  # kohya names CLIP layers as in the original CLIP checkpoints
+            key = f"{_kohya_prefix(component, data)}_{name.replace('.', '_')}"
+            out[f"{key}.lora_down.weight"] = down
+            out[f"{key}.lora_up.weight"] = up
+            out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def export_lora(
+    adapter: Any,
+    out: str | os.PathLike,
+    format: str = "diffusers",
+    scale: float = 1.0,
+    skip_unsupported: bool = False,
+    component: str | None = None,
+) -> Path:
+    """Write `adapter` (any source load_delora_weights accepts) as a LoRA ``.safetensors`` file at `out`.
+
+    A directory `out` gets ``pytorch_lora_weights.safetensors`` (diffusers' default name) inside it.
+    """
+    data = io.load_adapter(adapter, component=component)
+    state = to_lora_state_dict(data, format, scale, skip_unsupported)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out / "pytorch_lora_weights.safetensors"
+    metadata = {
+        "format": "pt",
+        "delora_exported_from": str(data.source),
+        "delora_lambda_scale": repr(float(scale)),
+        "delora_base_model": str(data.metadata.get("base_model") or ""),
+    }
+    if format == "kohya":
+        metadata["ss_network_module"] = "networks.lora"
+    return io.write_safetensors_atomic(out, state, metadata)
+
+
+def to_peft(data: io.AdapterData, component: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One component as a PEFT DeLoRA adapter: (adapter_config.json contents, adapter_model tensors)."""
+    conv = (data.metadata.get("conv_shapes") or {}).get(component)
+    if conv:
+        raise ValueError(
+            f"PEFT's DeLoRA supports nn.Linear only, but {component} has adapted Conv2d layers "
+            f"({sorted(conv)[:3]}...). Export it as a LoRA instead, or train without conv targets."
+        )
+    config = data.config(component)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for layer, named in _layers(data, component).items():
+        A, B, lam = named["delora_A"].float(), named["delora_B"].float(), named["delora_lambda"].float()
+        if "delora_A0" in named:
+            A = torch.cat([A, named["delora_A0"].float()], dim=0)
+            B = torch.cat([B, -named["delora_B0"].float()], dim=1)
+            lam = 2 * lam
+        prefix = f"{io.PEFT_PREFIX}{layer}."
+        tensors[prefix + "delora_A"] = A.contiguous()
+        tensors[prefix + "delora_B"] = B.contiguous()
+        tensors[prefix + "delora_lambda"] = lam.reshape(1).contiguous()
+        tensors[prefix + "delora_w_norm"] = named["delora_w_norm"].float().contiguous()
+        ranks[layer] = A.shape[0]
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    rank = max(counts, key=lambda r: (counts[r], -r))
+    factor = 2 if config.init == "paper" else 1
+    model_class = data.metadata.get("component_classes", {}).get(component)
+    base = data.metadata.get("base_model")
+    peft_config = {
+        "peft_type": "DELORA",
+        "task_type": None,
+        "r": rank,
+        "delora_lambda": config.lambda_init * factor,
+        "module_dropout": config.module_dropout,
+        "target_modules": sorted(ranks),
+        "exclude_modules": None,
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
+        "lambda_pattern": {},
+        "bias": "none",
+        "init_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "revision": None,
+        "base_model_name_or_path": f"{base}/{component}" if base else None,
+        "auto_mapping": {"base_model_class": model_class, "parent_library": _parent_library(model_class)}
+        if model_class
+        else None,
+    }
+    return peft_config, tensors
+
+
+def _parent_library(class_name: str | None) -> str | None:
+    if not class_name:
+        return None
+    for library in ("diffusers", "transformers"):
+        try:
+            module = __import__(library, fromlist=[class_name])
+            return getattr(module, class_name).__module__
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def export_peft(adapter: Any, out_dir: str | os.PathLike, component: str | None = None) -> dict[str, Path]:
+    """Write each component as a PEFT DeLoRA adapter in ``out_dir/<component>/``.
+
+    PEFT users continue with ``PeftModel.from_pretrained(pipe.unet, "out_dir/unet", is_trainable=True)``.
+    """
+    data = io.load_adapter(adapter, component=component)
+    _check_routed(data)
+    written = {}
+    for comp in data.tensors:
+        config, tensors = to_peft(data, comp)
+        target = Path(out_dir) / comp
+        io.write_safetensors_atomic(target / io.PEFT_WEIGHT_NAME, tensors, {"format": "pt"})
+        (target / io.PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        written[comp] = target
+    return written
