@@ -31,10 +31,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .io import FORMAT_NAME, WEIGHT_NAME, read_safetensors_header
+
 DEFAULT_ADAPTERS_DIR = Path("outputs/dreambooth-delora")
 """Where ``train_scripts/dreambooth_delora.py`` writes by default (relative to the working directory)."""
 
-WEIGHT_NAME = "delora_weights.safetensors"  # mirrors delora_diffusion.io.WEIGHT_NAME (checked in tests)
 
 SCALE_RANGE = (0.0, 2.0)
 SCALE_STEP = 0.05
@@ -49,6 +50,11 @@ MAX_SWEEP_VALUES = 9
 ADAPTER_SLOTS = 3
 DEFAULT_MAX_UPLOAD_MB = 512
 DEFAULT_SWEEP = "0, 0.5, 1, 1.5, 2"
+CSS = """
+#base-image img, #adapted-image img, #sweep-image img {
+    width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
+"""
 UPLOAD_PREFIX = "upload:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADAPTER_DEPTH = 2  # adapters dir, plus one or two levels of sub-directories
@@ -179,7 +185,10 @@ def make_request(
 
 
 def image_grid(images: Sequence[Any], labels: Sequence[str]) -> Any:
-    """One row of images with a caption strip under each: the λ sweep's result."""
+    """One row of images with a caption strip under each: the λ sweep's result.
+
+    Captions should be ASCII: PIL's built-in font has no glyphs for λ or ×.
+    """
     from PIL import Image, ImageDraw
 
     if not images:
@@ -213,6 +222,16 @@ def _adapter_key(choice: str) -> str:
     """A stable adapter_name for a choice: readable, unique, and free of the '.' adapter names forbid."""
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", choice).strip("_")[:40] or "adapter"
     return f"{slug}_{hashlib.sha1(choice.encode()).hexdigest()[:6]}"
+
+
+def _is_delora_file(path: Path) -> bool:
+    """Whether a .safetensors file says it is one of ours (its header only), so that other weights living in
+    the adapters dir (a training checkpoint's optimizer or model state) are not offered as adapters."""
+    try:
+        _, metadata = read_safetensors_header(path)
+    except (OSError, ValueError):
+        return False
+    return metadata.get("delora_format") == FORMAT_NAME
 
 
 def _default_device() -> str:
@@ -333,8 +352,9 @@ class AppService:
         """Names of the adapters in the adapters dir (then uploads): what the adapter dropdowns offer.
 
         A directory holding ``delora_weights.safetensors`` is listed by its path relative to the adapters dir
-        ('.' for the adapters dir itself); any other ``.safetensors`` file by its relative file path. Hidden
-        entries and anything whose real path leaves the adapters dir (symlinks) are skipped.
+        ('.' for the adapters dir itself); any other ``.safetensors`` file whose header marks it as a DeLoRA
+        adapter by its relative file path. Hidden entries and anything whose real path leaves the adapters dir
+        (symlinks) are skipped.
         """
         root = self.adapters_dir
         found: list[str] = []
@@ -357,7 +377,7 @@ class AppService:
                 rel = entry.relative_to(root)
                 if entry.name == WEIGHT_NAME:
                     found.append(rel.parent.as_posix())
-                else:
+                elif _is_delora_file(entry):
                     found.append(rel.as_posix())
 
     def resolve_adapter(self, name: str) -> Path:
@@ -561,7 +581,7 @@ class AppService:
                     )
                 )
             self._activate(model, request.adapters, request.scale)
-        return image_grid(images, [f"λ×{v:g}" for v in values]), images
+        return image_grid(images, [f"{v:g}" for v in values]), images
 
     # ---- info panel
 
@@ -676,6 +696,8 @@ def build_ui(service: AppService, default_steps: int = 20, default_guidance: flo
 
     tracker = gr.Progress()  # Gradio injects progress into handlers whose parameter defaults to a Progress
 
+    # Lossless PNGs (the browser shows exactly the generated pixels), scaled up for small models.
+    shown: dict[str, Any] = {"format": "png", "type": "pil", "interactive": False, "height": 320}
     with gr.Blocks(title="DeLoRA diffusion") as demo:
         gr.Markdown(
             "## DeLoRA diffusion\nBase and adapted images from the same seed. The λ scale multiplies every "
@@ -695,7 +717,7 @@ def build_ui(service: AppService, default_steps: int = 20, default_guidance: flo
                 slot_inputs: list[Any] = []
                 dropdowns: list[Any] = []
                 for i in range(ADAPTER_SLOTS):
-                    with gr.Row():
+                    with gr.Row(equal_height=True):
                         dd = gr.Dropdown(
                             choices=[("(none)", "")] + [(a, a) for a in adapters],
                             value=adapters[0] if (i == 0 and adapters) else "",
@@ -713,14 +735,6 @@ def build_ui(service: AppService, default_steps: int = 20, default_guidance: flo
                         )
                     dropdowns.append(dd)
                     slot_inputs += [dd, wt]
-                with gr.Row():
-                    rescan = gr.Button("Rescan adapters dir", size="sm")
-                    upload = gr.File(
-                        label=f"Upload an adapter (.safetensors, ≤ {service.max_upload_bytes / 2**20:g} MiB)",
-                        file_types=[".safetensors"],
-                        type="filepath",
-                        elem_id="upload",
-                    )
                 scale = gr.Slider(
                     *SCALE_RANGE,
                     value=1.0,
@@ -734,48 +748,55 @@ def build_ui(service: AppService, default_steps: int = 20, default_guidance: flo
                     label="Negative prompt", max_length=MAX_PROMPT_CHARS, elem_id="negative"
                 )
                 with gr.Row():
-                    seed = gr.Number(
-                        value=0,
-                        precision=0,
-                        minimum=SEED_RANGE[0],
-                        maximum=SEED_RANGE[1],
-                        label="Seed",
-                        elem_id="seed",
-                    )
-                    randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
-                steps = gr.Slider(*STEPS_RANGE, value=default_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(
-                    *GUIDANCE_RANGE, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance"
-                )
-                with gr.Row():
-                    w = gr.Slider(
-                        *SIZE_RANGE, value=width, step=SIZE_MULTIPLE, label="Width", elem_id="width"
-                    )
-                    h = gr.Slider(
-                        *SIZE_RANGE, value=height, step=SIZE_MULTIPLE, label="Height", elem_id="height"
-                    )
-                with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     sweep_go = gr.Button("λ sweep", elem_id="sweep")
-                sweep_values = gr.Textbox(
-                    value=DEFAULT_SWEEP, label="λ values for the sweep", elem_id="sweep-values"
-                )
+                with gr.Accordion("Settings", open=True):
+                    with gr.Row():
+                        seed = gr.Number(
+                            value=0,
+                            precision=0,
+                            minimum=SEED_RANGE[0],
+                            maximum=SEED_RANGE[1],
+                            label="Seed",
+                            elem_id="seed",
+                        )
+                        randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
+                    with gr.Row():
+                        steps = gr.Slider(
+                            *STEPS_RANGE, value=default_steps, step=1, label="Steps", elem_id="steps"
+                        )
+                        guidance = gr.Slider(
+                            *GUIDANCE_RANGE,
+                            value=default_guidance,
+                            step=0.5,
+                            label="Guidance",
+                            elem_id="guidance",
+                        )
+                    with gr.Row():
+                        w = gr.Slider(
+                            *SIZE_RANGE, value=width, step=SIZE_MULTIPLE, label="Width", elem_id="width"
+                        )
+                        h = gr.Slider(
+                            *SIZE_RANGE, value=height, step=SIZE_MULTIPLE, label="Height", elem_id="height"
+                        )
+                    sweep_values = gr.Textbox(
+                        value=DEFAULT_SWEEP, label="λ values for the sweep", elem_id="sweep-values"
+                    )
+                with gr.Accordion("More adapters", open=False):
+                    rescan = gr.Button("Rescan adapters dir", size="sm", elem_id="rescan")
+                    upload = gr.File(
+                        label=f"Upload an adapter (.safetensors, ≤ {service.max_upload_bytes / 2**20:g} MiB)",
+                        file_types=[".safetensors"],
+                        type="filepath",
+                        height=120,
+                        elem_id="upload",
+                    )
             with gr.Column(scale=2):
                 with gr.Row():
-                    base_img = gr.Image(
-                        label="Base (adapters off)",
-                        format="png",
-                        type="pil",
-                        interactive=False,
-                        elem_id="base-image",
-                    )
-                    adapted_img = gr.Image(
-                        label="Adapted", format="png", type="pil", interactive=False, elem_id="adapted-image"
-                    )
+                    base_img = gr.Image(label="Base (adapters off)", elem_id="base-image", **shown)
+                    adapted_img = gr.Image(label="Adapted", elem_id="adapted-image", **shown)
                 status = gr.Markdown(elem_id="status")
-                sweep_img = gr.Image(
-                    label="λ sweep", format="png", type="pil", interactive=False, elem_id="sweep-image"
-                )
+                sweep_img = gr.Image(label="λ sweep", elem_id="sweep-image", **(shown | {"height": 240}))
                 info = gr.Markdown(elem_id="adapter-info")
 
         request_inputs = [
@@ -939,6 +960,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_file_size=service.max_upload_bytes,
         show_error=True,
         footer_links=[],
+        css=CSS,
     )
 
 

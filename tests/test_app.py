@@ -7,10 +7,14 @@ import math
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_pipelines import load_pipeline, make_sd_pipeline, perturb_delora
 
 from delora_diffusion import DeLoRAConfig, get_delora_scale, inject_delora
 from delora_diffusion.app import (
@@ -26,7 +30,6 @@ from delora_diffusion.app import (
     make_request,
     parse_sweep_values,
 )
-from tests.tiny_pipelines import load_pipeline, make_sd_pipeline, perturb_delora
 
 
 def _save_adapter(model_dir: Path, out_dir: Path, seed: int, lambda_init: float = 2.0) -> Path:
@@ -34,8 +37,17 @@ def _save_adapter(model_dir: Path, out_dir: Path, seed: int, lambda_init: float 
     pipe = load_pipeline(model_dir)
     inject_delora(pipe.unet, DeLoRAConfig(rank=2, lambda_init=lambda_init, target_modules="unet"))
     perturb_delora(pipe.unet, seed=seed, std=2.0)
-    pipe.save_delora_weights(str(out_dir))
+    pipe.save_delora_weights(str(out_dir), training_args={"learning_rate": 1e-3, "rank": 2, "seed": seed})
     return out_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and on a shared 2-core machine far more predictably."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +63,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _save_adapter(model, adapters / "run1" / "checkpoint-2", seed=2)
     loose = _save_adapter(model, root / "loose", seed=3)
     shutil.copy(loose / WEIGHT_NAME, adapters / "loose.safetensors")
-    # Decoys: not safetensors, hidden, too deep, and a symlink leaving the adapters dir.
+    # Decoys: not safetensors, other safetensors, hidden, too deep, and a symlink leaving the adapters dir.
     (adapters / "notes.txt").write_text("not an adapter")
+    save_file({"w": torch.zeros(2)}, str(adapters / "run1" / "optimizer.safetensors"))
     shutil.copytree(loose, adapters / ".hidden")
     shutil.copytree(loose, adapters / "a" / "b" / "c")
     outside = root / "outside"
@@ -163,6 +176,7 @@ def test_adapters_dir_itself_is_listed_as_dot(tiny: dict[str, Path]) -> None:
         ".hidden",
         "a/b/c",
         "notes.txt",
+        "run1/optimizer.safetensors",
         "run1/../run1",
         "",
         None,
@@ -286,6 +300,7 @@ def test_info_panel_reports_rank_lambda_bound_and_norms_at_the_current_scale(
 ) -> None:
     text = service.adapter_info(str(tiny["model"]), [("run1", 1.0)], 1.0)
     assert "rank: 2" in text and "λ per layer" in text and "bound" in text and "actual" in text
+    assert "learning_rate: 0.001" in text and "seed: 1" in text
     zero = service.adapter_info(str(tiny["model"]), [("run1", 1.0)], 0.0)
     assert "actual ‖ΔW‖/‖W‖ now: min 0 · mean 0 · max 0" in zero
     assert service.adapter_info(str(tiny["model"]), [], 1.0) == "No adapter selected."
@@ -380,28 +395,31 @@ def test_concurrent_users_each_get_their_own_lambda(service: AppService, tiny) -
 # ------------------------------------------------------------------------------------- UI and CLI
 
 
-def test_build_ui_and_main_bind_to_loopback_without_sharing(service: AppService, tiny, monkeypatch) -> None:
+def test_main_builds_the_ui_on_loopback_and_never_shares(tiny, monkeypatch) -> None:
     import gradio as gr
 
     from delora_diffusion import app
 
-    demo = app.build_ui(service)
-    assert isinstance(demo, gr.Blocks)
-    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {
-        "lambda-scale",
-        "prompt",
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, Path(args.adapters_dir)) == ("127.0.0.1", 7860, DEFAULT_ADAPTERS_DIR)
+    launched: dict = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw, demo=self))
+    app.main(["--model", str(tiny["model"]), "--adapters_dir", str(tiny["adapters"]), "--device", "cpu"])
+    assert launched["share"] is False and launched["server_name"] == "127.0.0.1"
+    assert launched["server_port"] == 7860
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    ids = {getattr(b, "elem_id", None) for b in launched["demo"].blocks.values()}
+    wanted = {"model", "lambda-scale", "prompt", "negative", "seed", "randomize", "steps", "guidance"}
+    wanted |= {
+        "width",
+        "height",
         "generate",
         "sweep",
         "base-image",
         "adapted-image",
         "adapter-info",
-    } <= ids
-    args = build_parser().parse_args([])
-    assert (args.host, args.port, Path(args.adapters_dir)) == ("127.0.0.1", 7860, DEFAULT_ADAPTERS_DIR)
-    launched: dict = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
-    app.main(["--model", str(tiny["model"]), "--adapters_dir", str(tiny["adapters"]), "--device", "cpu"])
-    assert launched["share"] is False and launched["server_name"] == "127.0.0.1"
-    assert launched["server_port"] == 7860
-    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+        "upload",
+    }
+    assert wanted | {f"adapter-{i}" for i in range(ADAPTER_SLOTS)} <= ids
+    app.main(["--model", str(tiny["model"]), "--host", "0.0.0.0", "--port", "7999"])
+    assert (launched["server_name"], launched["server_port"], launched["share"]) == ("0.0.0.0", 7999, False)
