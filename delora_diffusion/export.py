@@ -13,6 +13,7 @@ PEFT DeLoRA. ``init="zero"`` adapters are PEFT's formula already. A paper-init a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -55,6 +56,8 @@ def lora_factors_per_layer(
     (no LoRA consumer loads them) unless `skip_unsupported`, which leaves them out with a warning.
     """
     _check_routed(data)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"The lambda scale must be a finite number, got {scale!r}.")
     unsupported = _unsupported_components(data)
     if unsupported and not skip_unsupported:
         raise ValueError(

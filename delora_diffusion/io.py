@@ -593,7 +593,7 @@ def _looks_like_lora(path: Path) -> bool:
 
 
 def load_adapter(
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    source: str | os.PathLike | Mapping[str, torch.Tensor] | AdapterData,
     weight_name: str | None = None,
     subfolder: str | None = None,
     component: str | None = None,
@@ -605,6 +605,8 @@ def load_adapter(
     `weight_name`) or a PEFT DeLoRA adapter; a hub repo id, fetched with huggingface_hub (its cache and
     ``HF_HUB_OFFLINE`` are honoured; `hub_kwargs` such as revision, cache_dir, token go to it).
     """
+    if isinstance(source, AdapterData):
+        return source
     if isinstance(source, Mapping):
         return from_state_dict(source, component)
     if not isinstance(source, (str, os.PathLike)):
