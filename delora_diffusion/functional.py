@@ -63,6 +63,42 @@ def fold_factors(
     return A_folded, B_folded
 
 
+def frozen_pair_factors(
+    A0: torch.Tensor, B0: torch.Tensor, w: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper init's frozen term folded once, up to lam: ``(A0 diag(w), -B0 diag(1 / (r |a0| |b0|)))``.
+
+    A0, B0 and w never change, so only the factor ``lam * multiplier`` is left to apply per step; this
+    saves two norms and the elementwise ops over the frozen pair in every training step. Batched like
+    :func:`fold_factors`.
+    """
+    unit = rank_one_scales(A0, B0, torch.ones((), dtype=A0.dtype, device=A0.device), rank)
+    return A0 * w.unsqueeze(-2), -B0 * unit.unsqueeze(-2)
+
+
+def fold_factors_frozen(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    lam: torch.Tensor,
+    w: torch.Tensor,
+    rank: int,
+    multiplier: float | torch.Tensor = 1.0,
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fold_factors` with the frozen pair given pre-folded by :func:`frozen_pair_factors`.
+
+    Same result (up to rounding order): the frozen columns of B' are ``-B0 / (r |a0| |b0|) * lam * mult``.
+    """
+    scales = rank_one_scales(A, B, lam, rank, multiplier)
+    A_folded = A * w.unsqueeze(-2)
+    B_folded = B * scales.unsqueeze(-2)
+    if frozen is None:
+        return A_folded, B_folded
+    A0_folded, B0_unit = frozen
+    strength = (lam * multiplier).unsqueeze(-1)  # (..., 1, 1): lam scales the frozen term too
+    return torch.cat([A_folded, A0_folded], dim=-2), torch.cat([B_folded, B0_unit * strength], dim=-1)
+
+
 def delta_weight(
     A: torch.Tensor,
     B: torch.Tensor,

@@ -93,17 +93,42 @@ class DeLoRAAdapter(nn.Module):
 
     # --- factor cache -------------------------------------------------------------------------------------
     def stamp(self, dtype: torch.dtype) -> tuple:
-        """Everything the folded factors depend on; in-place optimizer steps bump the parameter versions."""
-        A, B, lam = self.delora_A, self.delora_B, self.delora_lambda
-        return (A._version, B._version, lam._version, A.data_ptr(), B.data_ptr(), self.multiplier, dtype)
+        """Everything the folded factors depend on; in-place optimizer steps bump the parameter versions.
+
+        The frozen buffers enter through their summed versions (counters only grow, so any in-place write,
+        e.g. ``load_state_dict``, changes the sum) and w's storage. Reads go through ``_parameters`` /
+        ``_buffers`` directly: this runs for every layer on every forward.
+        """
+        params, buffers = self._parameters, self._buffers
+        A, B, lam, w = (
+            params["delora_A"],
+            params["delora_B"],
+            params["delora_lambda"],
+            buffers["delora_w_norm"],
+        )
+        frozen = sum(t._version for t in buffers.values() if t is not None)
+        return (
+            A._version,
+            B._version,
+            lam._version,
+            A.data_ptr(),
+            B.data_ptr(),
+            w.data_ptr(),
+            frozen,
+            self.multiplier,
+            dtype,
+        )
 
     def set_cache(self, A_folded: torch.Tensor, B_folded: torch.Tensor, stamp: tuple) -> None:
-        self._cache, self._cache_stamp = (A_folded, B_folded), stamp
+        # Plain attributes: written straight into __dict__, skipping nn.Module.__setattr__'s checks.
+        self.__dict__["_cache"] = (A_folded, B_folded)
+        self.__dict__["_cache_stamp"] = stamp
 
     def cache_is_fresh(self, dtype: torch.dtype) -> bool:
         return self._cache is not None and self._cache_stamp == self.stamp(dtype)
 
     def compute_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-layer fold (used when the batched refresh did not run, e.g. sharded or called directly)."""
         A0, B0 = self.frozen_pair
         A_f, B_f = functional.fold_factors(
             self.delora_A,
@@ -131,7 +156,7 @@ class DeLoRAAdapter(nn.Module):
         return factors
 
     def clear_cache(self) -> None:
-        self._cache = self._cache_stamp = None
+        self.__dict__["_cache"] = self.__dict__["_cache_stamp"] = None
 
     def contributes(self) -> bool:
         return self.active and not self.merged and self.multiplier != 0.0
@@ -152,10 +177,44 @@ class DeLoRAAdapters(nn.ModuleDict):
 
 def compute_dtype(base: nn.Module) -> torch.dtype:
     """The dtype the update's matmuls run in: autocast's when active, else the frozen weight's."""
-    device_type = base.weight.device.type
+    weight = base._parameters["weight"]
+    device_type = weight.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return base.weight.dtype
+    return weight.dtype
+
+
+RECOMPUTE_HIDDEN = True
+"""Linear layers: recompute the T x r hidden in backward instead of keeping it (see :class:`_LowRankLinear`)."""
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x A'^T B'^T`` that keeps only x (which the layer's input holds anyway) and the small factors.
+
+    Autograd's two linears would also keep the hidden ``x A'^T`` (T x r; T x 2r for the paper init), a sizable
+    activation when r is not tiny against the layer width. Backward recomputes it with one skinny matmul,
+    so the update adds no activation memory of its own: less than LoRA, which keeps its hidden.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, A_f, B_f)
+        return F.linear(F.linear(x, A_f), B_f)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, A_f, B_f = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_hidden = grad2 @ B_f  # (T, r)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_hidden @ A_f).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_A = grad_hidden.t() @ x2
+        if ctx.needs_input_grad[2]:
+            grad_B = grad2.t() @ (x2 @ A_f.t())
+        return grad_x, grad_A, grad_B
 
 
 def apply_update(base: nn.Module, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor) -> torch.Tensor:
@@ -164,16 +223,23 @@ def apply_update(base: nn.Module, x: torch.Tensor, A_f: torch.Tensor, B_f: torch
         down = A_f.reshape(A_f.shape[0], *base.weight.shape[1:])
         hidden = base._conv_forward(x, down, None)
         return F.conv2d(hidden, B_f[:, :, None, None])
+    if (
+        RECOMPUTE_HIDDEN
+        and torch.is_grad_enabled()
+        and x.dtype == A_f.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        return _LowRankLinear.apply(x, A_f, B_f)
     return F.linear(F.linear(x, A_f), B_f)
 
 
 def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    adapters: DeLoRAAdapters = base.delora
+    adapters: DeLoRAAdapters = base._modules["delora"]
     if adapters.disabled:
         return output
     x = args[0]
     dtype = None
-    for adapter in adapters.values():
+    for adapter in adapters._modules.values():
         if not adapter.contributes():
             continue
         if adapter.training and adapter.module_dropout > 0 and random.random() < adapter.module_dropout:
