@@ -160,4 +160,6 @@ def test_export_peft_continues_in_peft(trained, tmp_path):
     again = tp.load_pipeline(t.base_dir)
     again.load_delora_weights(written["unet"])
     again.load_delora_weights(written["text_encoder"], adapter_name="te")
-    assert max_diff(tp.run(again), t.adapted) < 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(again.unet(*args).sample, pipe.unet(*args).sample, atol=1e-5, rtol=0)
+        torch.testing.assert_close(again.text_encoder(ids)[0], pipe.text_encoder(ids)[0], atol=1e-5, rtol=0)
