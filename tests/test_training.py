@@ -159,7 +159,12 @@ def test_sd_prior_preservation_text_encoder_checkpoint_resume(models, instance_d
     assert len(class_images) == 3 and "mine.png" in class_images
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "delora_weights.safetensors").is_file()
-    for name in ("delora_weights.safetensors", "README.md", "validation/final.png", "validation/lambda_sweep.png"):
+    for name in (
+        "delora_weights.safetensors",
+        "README.md",
+        "validation/final.png",
+        "validation/lambda_sweep.png",
+    ):
         assert (out / name).is_file(), name
     sweep = Image.open(out / "validation" / "lambda_sweep.png")
     assert sweep.size == (32, 4 * 32)  # one row per lambda scale
@@ -188,26 +193,32 @@ def test_family_runs_and_reloads(family, models, instance_dir, tmp_path):
     assert_adapter_changes_output(models[family], out, family)
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(models, instance_dir, tmp_path):
+def test_non_finite_loss_stops_and_keeps_checkpoint(models, instance_dir, tmp_path, capsys):
+    """In-process (same main as the script): a huge learning rate blows lambda up after the first step."""
     out = tmp_path / "out"
-    args = common(models["sd"], instance_dir, out, "sd") + ["--learning_rate", "1e30", "--max_grad_norm", "1e30"]
-    proc = launch(*args, "--max_train_steps", "30", "--checkpointing_steps", "1", check=False)
-    assert proc.returncode != 0
-    assert "non-finite" in proc.stderr and "5 steps in a row" in proc.stderr
-    checkpoints = [p.name for p in out.glob("checkpoint-*")]
-    assert checkpoints and not any(c.endswith(".tmp") for c in checkpoints)
+    args = common(models["sd"], instance_dir, out, "sd") + [
+        "--learning_rate",
+        "1e30",
+        "--max_grad_norm",
+        "1e30",
+    ]
+    code, err = run_main([*args, "--max_train_steps", "30", "--checkpointing_steps", "1"], capsys)
+    assert code == 1 and "non-finite" in err and "5 steps in a row" in err, err
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-1"] and "checkpoint-1" in err  # the last good one, intact
+    assert (out / "checkpoint-1" / "delora_state.safetensors").is_file()
     assert not (out / "delora_weights.safetensors").exists()
 
 
 DDP_WRAPPER = """
-import sys, torch
+import os, sys
 from safetensors.torch import save_file
 from delora_diffusion.training import parse_args, train
 from delora_diffusion.training.checkpointing import adapter_tensors
 result = train(parse_args(sys.argv[2:]))
-rank = torch.distributed.get_rank()
+rank = os.environ["RANK"]  # the process group is gone after end_training
 state = {f"{n}.{k}": v.contiguous() for n, m in result.adapted.items() for k, v in adapter_tensors(m).items()}
-save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors", metadata={"world": str(torch.distributed.get_world_size())})
+save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors", metadata={"world": os.environ["WORLD_SIZE"]})
 """
 
 
@@ -221,9 +232,17 @@ def test_two_process_ddp_identical_adapters(models, instance_dir, tmp_path):
     wrapper.write_text(DDP_WRAPPER)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    cmd += [str(wrapper), str(tmp_path), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "2"]
+    cmd += [
+        str(wrapper),
+        str(tmp_path),
+        *common(models["sd"], instance_dir, out, "sd"),
+        "--max_train_steps",
+        "2",
+    ]
     cmd += ["--train_batch_size", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), OMP_NUM_THREADS="1"), timeout=300)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(env(), OMP_NUM_THREADS="1"), timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "MULTI_CPU" in proc.stderr + proc.stdout
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
@@ -232,12 +251,12 @@ def test_two_process_ddp_identical_adapters(models, instance_dir, tmp_path):
     assert ranks[0].keys() == ranks[1].keys()
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    initial = ranks[0]
-    assert any("delora_lambda" in k and not torch.allclose(v, torch.tensor(15.0)) for k, v in initial.items())
+    assert any(
+        "delora_lambda" in k and not torch.allclose(v, torch.tensor(15.0)) for k, v in ranks[0].items()
+    )
     layers, _ = read_delora_file(out / "delora_weights.safetensors")
-    saved = {
-        f"{layer}.{tensor}": value for layer, tensors in layers["unet"].items() for tensor, value in tensors.items()
-    }
+    saved = layers["unet"]  # "<layer>.<tensor name>"
+    assert len(saved) == len(ranks[0])
     for key, value in ranks[0].items():
         layer, tensor = key.removeprefix("unet.").split(".delora.default.")
         assert torch.equal(saved[f"{layer}.{tensor}"], value), key
@@ -289,14 +308,6 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
         assert code == 2 and expected in err, (expected, err)
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written
-
-
-def test_bad_input_through_accelerate_launch(tmp_path, models):
-    proc = launch(
-        "--pretrained_model_name_or_path", str(models["flux"]), "--instance_data_dir", str(tmp_path / "nope"),
-        "--instance_prompt", "x", "--output_dir", str(tmp_path / "o"), check=False, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode != 0 and "instance data dir" in proc.stderr and "does not exist" in proc.stderr
 
 
 def test_no_flags_means_embedded_default():

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,11 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     )
     # Module dropout skips whole layers, so some adapter parameters can go unused in a step.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=args.delora_module_dropout > 0)
+    # Under torchrun on a machine without a GPU, accelerate only sets up multi-process CPU (gloo) DDP when
+    # asked for the CPU explicitly; otherwise every process would train alone.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=cpu_ddp,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
