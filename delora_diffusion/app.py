@@ -923,7 +923,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Start the app on --host:--port (loopback by default). It is never shared publicly."""
     _disable_telemetry()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {args.port}.")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        parser.error(f"--max_upload_mb must be a positive number, got {args.max_upload_mb}.")
     models = args.model
     if not models:
         from .embedded import default_model_path
@@ -933,6 +938,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"The embedded model is missing at {path}; pass --model DIR_OR_HUB_ID.")
         models = [str(path)]
     device = args.device or _default_device()
+    try:
+        import torch
+
+        torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        parser.error(f"--device {device!r} is not a torch device: {err}")
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     service = AppService(
         models,

@@ -423,3 +423,31 @@ def test_main_builds_the_ui_on_loopback_and_never_shares(tiny, monkeypatch) -> N
     assert wanted | {f"adapter-{i}" for i in range(ADAPTER_SLOTS)} <= ids
     app.main(["--model", str(tiny["model"]), "--host", "0.0.0.0", "--port", "7999"])
     assert (launched["server_name"], launched["server_port"], launched["share"]) == ("0.0.0.0", 7999, False)
+
+
+def test_the_default_model_is_the_embedded_one(tiny, monkeypatch) -> None:
+    import gradio as gr
+
+    from delora_diffusion import app, embedded
+
+    launched: dict = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    monkeypatch.setattr(embedded, "default_model_path", lambda: tiny["root"] / "not-trained-yet")
+    with pytest.raises(SystemExit, match="embedded model is missing"):
+        app.main(["--adapters_dir", str(tiny["adapters"])])
+    monkeypatch.setattr(embedded, "default_model_path", lambda: tiny["model"])
+    built: list[AppService] = []
+    monkeypatch.setattr(app, "build_ui", lambda service, **kw: built.append(service) or gr.Blocks())
+    app.main(["--adapters_dir", str(tiny["adapters"])])
+    assert built[0].models == [str(tiny["model"])] and launched["share"] is False
+
+
+@pytest.mark.parametrize(
+    "argv", [["--port", "0"], ["--port", "70000"], ["--max_upload_mb", "-1"], ["--device", "no-such-device"]]
+)
+def test_bad_flags_exit_with_a_message(argv: list[str], capsys) -> None:
+    from delora_diffusion import app
+
+    with pytest.raises(SystemExit) as exc:
+        app.main([*argv, "--model", "unused"])
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
