@@ -212,6 +212,9 @@ def test_app_in_a_real_browser(app_server: tuple[str, Path], tmp_path: Path) -> 
                 timeout=60_000,
             )
             assert page.locator("#adapter-1 input").input_value().startswith("upload:sks-dog-")
+            _generate(page, "λ scale 1.")  # the uploaded adapter is usable, next to the listed one
+            assert "upload:sks-dog-" in page.inner_text("#adapter-info")
+            assert not np.array_equal(_image_pixels(page, "adapted-image"), adapted1)  # two adapters now
         finally:
             browser.close()
     assert not outside, f"the page tried to reach outside loopback: {outside}"
