@@ -45,6 +45,9 @@ REQUIRED = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 FROZEN_PAIR = ("delora_A0", "delora_B0")
 TENSOR_NAMES = REQUIRED + FROZEN_PAIR
 
+HUB_KWARGS = {"revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "repo_type"}
+"""Keyword arguments passed on to huggingface_hub's download for hub repo ids."""
+
 _MAX_HEADER = 100 * 1024 * 1024
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 _DTYPE_SIZES.update({"BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8})
@@ -605,6 +608,9 @@ def load_adapter(
     `weight_name`) or a PEFT DeLoRA adapter; a hub repo id, fetched with huggingface_hub (its cache and
     ``HF_HUB_OFFLINE`` are honoured; `hub_kwargs` such as revision, cache_dir, token go to it).
     """
+    unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
+    if unknown:
+        raise TypeError(f"Unknown arguments {unknown}; the hub download takes {sorted(HUB_KWARGS)}.")
     if isinstance(source, AdapterData):
         return source
     if isinstance(source, Mapping):
@@ -676,10 +682,6 @@ def _load_from_hub(
         raise FileNotFoundError(
             f"{repo_id!r} is neither an existing file or directory nor a hub repo id (org/name); check the path."
         )
-    allowed = {"revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "repo_type"}
-    unknown = sorted(set(hub_kwargs) - allowed)
-    if unknown:
-        raise TypeError(f"Unknown arguments {unknown} for loading from the hub; allowed: {sorted(allowed)}.")
 
     def fetch(filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, **hub_kwargs))

@@ -425,8 +425,10 @@ def fuse_delora(
     restore = pipe.__dict__.setdefault("_delora_fuse_scales", [])
     for module in targets.values():
         if scale is not None:
+            first_scales = {}
             for _, _, key, adapter in iter_delora_layers(module):
-                restore.append((module, key, adapter.lambda_scale))
+                first_scales.setdefault(key, adapter.lambda_scale)
+            restore += [(module, key, old) for key, old in first_scales.items()]
             _set_scale(module, scale)
         present = get_delora_adapter_names(module)
         merge_delora(module, None if adapter_names is None else [n for n in adapter_names if n in present])

@@ -196,6 +196,8 @@ def test_bad_paths_and_foreign_files(sd_pipe, tmp_path):
         sd_pipe.load_delora_weights(tmp_path / "l.safetensors")
     with pytest.raises(FileNotFoundError, match="pass weight_name"):
         sd_pipe.load_delora_weights(tmp_path)
+    with pytest.raises(TypeError, match=r"Unknown arguments \['revison'\]"):
+        sd_pipe.load_delora_weights("someone/repo", revison="main")
     assert_unchanged(sd_pipe, before)
 
 

@@ -163,6 +163,11 @@ def test_state_dict_source_and_adapter_name_clash(trained):
     assert max_diff(tp.run(pipe), t.adapted) < EXACT
     with pytest.raises(ValueError, match="already has a DeLoRA adapter named 'default'"):
         pipe.load_delora_weights(t.adapter_dir)
+    # the slider at s is the adapter with lambda multiplied by s (built here by editing the tensors)
+    scaled = {k: v * PARTIAL_SCALE if k.endswith("delora_lambda") else v for k, v in state_dict.items()}
+    pipe.unload_delora_weights()
+    pipe.load_delora_weights(scaled)
+    assert max_diff(tp.run(pipe), t.partial) < EXACT
     with pytest.raises(ValueError, match="No DeLoRA adapter named 'nope'"):
         pipe.set_delora_scale(0.5, "nope")
 
