@@ -120,6 +120,17 @@ def w_norm_fingerprint(layers: Mapping[str, Mapping[str, torch.Tensor]]) -> dict
     }
 
 
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers, so names and classes are the model's own."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
 def exact_targets(layer_names: list[str]) -> str:
     """A target_modules regex that selects exactly these layers (used when re-creating an adapter from a file)."""
     return "(?:" + "|".join(re.escape(n) for n in sorted(layer_names)) + ")"
@@ -154,6 +165,7 @@ def save_delora_file(
     for component, module in components.items():
         if module is None:
             continue
+        module = unwrap_model(module)
         if "." in component or not component:
             raise ValueError(f"Component names must be non-empty and without '.', got {component!r}.")
         found = False

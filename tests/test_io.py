@@ -260,6 +260,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     dd.inject_delora(model, dd.DeLoRAConfig(rank=2, target_modules=["0"]))
     path = io.save_delora_file(tmp_path / io.WEIGHT_NAME, {"unet": model}, base_model="x")
     good = path.read_bytes()
+    wrapped = io.save_delora_file(tmp_path / "w.safetensors", {"unet": torch.nn.DataParallel(model)})
+    tensors, meta = io.read_delora_file(wrapped)
+    assert meta["component_classes"] == {"unet": "Sequential"} and "0.delora_A" in tensors["unet"]
+    (tmp_path / "w.safetensors").unlink()
 
     import safetensors.torch
 
