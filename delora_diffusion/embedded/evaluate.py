@@ -110,7 +110,8 @@ def subject_scores(
 
     - ``subject_similarity``: mean cosine between probe embeddings of the generations and of the subject's
       held-out views (stands in for DINOv2 similarity);
-    - ``subject_attributes``: fraction of generations whose shape, colour, pattern and accent all match;
+    - ``subject_attributes``: fraction of generations whose shape, colour and pattern all match;
+    - ``accent_accuracy``: fraction whose stripe/dot colour matches (the probe's weakest head, kept apart);
     - ``background_accuracy``: fraction whose background follows the prompt (prompt fidelity).
     """
     probe = probe or load_probe()
@@ -119,12 +120,14 @@ def subject_scores(
     reference = probe.embed(subject.heldout_images())
     similarity = float((probe.embed(images) @ reference.T).mean())
     predicted = probe.predict(images)
-    keys = ("shape", "color", "pattern", "accent")
+    keys = ("shape", "color", "pattern")
     hits = [all(predicted[k][i] == subject.attributes[k] for k in keys) for i in range(len(pairs))]
+    accent = [predicted["accent"][i] == subject.attributes["accent"] for i in range(len(pairs))]
     background = [predicted["background"][i] == b for i, (_, b) in enumerate(pairs)]
     return {
         "subject_similarity": similarity,
         "subject_attributes": float(np.mean(hits)),
+        "accent_accuracy": float(np.mean(accent)),
         "background_accuracy": float(np.mean(background)),
     }
 
