@@ -167,6 +167,17 @@ def unet_forward(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 # --- variants -----------------------------------------------------------------------------------------------
 VARIANTS = ("ours-paper", "ours-zero", "peft-lora", "peft-delora")
+EXTRA_VARIANTS = ("ours-paper-keep", "ours-zero-keep")
+"""Opt-in: ours with ``layers.RECOMPUTE_HIDDEN`` off (autograd keeps the T x r hidden; less compute, more memory)."""
+
+
+def variant_context(variant: str) -> None:
+    """Set the process-wide switches a variant runs with (called before each of its steps)."""
+    from delora_diffusion import layers
+
+    layers.RECOMPUTE_HIDDEN = not variant.endswith("-keep")
+
+
 LAMBDA = 15.0
 
 
@@ -175,7 +186,7 @@ def inject_variant(unet: nn.Module, variant: str, rank: int) -> nn.Module:
     if variant.startswith("ours"):
         import delora_diffusion as dd
 
-        init = variant.split("-", 1)[1]
+        init = variant.split("-")[1]
         dd.inject_delora(
             unet, dd.DeLoRAConfig(rank=rank, lambda_init=LAMBDA, init=init, target_modules=TARGETS)
         )
@@ -213,6 +224,7 @@ class Trainer:
     times: list[float] = field(default_factory=list)
 
     def step(self) -> float:
+        variant_context(self.variant)
         loss = torch.nn.functional.mse_loss(
             unet_forward(self.unet, self.batch).float(), self.batch["target"].float()
         )
@@ -258,17 +270,28 @@ class Timings:
     cpu: dict[str, list[float]]
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: torch.device) -> Timings:
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    budget_s: float | None = None,
+    min_rounds: int = 5,
+) -> Timings:
     """Round-robin timing: every round calls each fn once, rotating the order so none always runs first.
 
-    Machine noise (other jobs, thermal, frequency) then hits all variants alike; report medians.
+    Machine noise (other jobs, thermal, frequency) then hits all variants alike; report medians. With
+    `budget_s`, rounds stop once that many seconds have passed (after at least `min_rounds`).
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     result = Timings({name: [] for name in names}, {name: [] for name in names})
+    start = time.perf_counter()
     for r in range(rounds):
+        if budget_s is not None and r >= min_rounds and time.perf_counter() - start > budget_s:
+            break  # a loaded machine: stop after whole rounds rather than overrun the time budget
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             wall, cpu = timed(fns[name], device)
@@ -320,6 +343,7 @@ def memory_report(trainer: Trainer, device: torch.device) -> dict[str, float]:
       (the model itself); on CPU, ``saved + state``, an allocator-free estimate of the same quantity.
     """
     unet = trainer.unet
+    variant_context(trainer.variant)
     owned = {t.untyped_storage().data_ptr() for t in list(unet.parameters()) + list(unet.buffers())}
     saved: dict[int, int] = {}
 

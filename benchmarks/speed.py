@@ -3,10 +3,12 @@
     python benchmarks/speed.py --quick            # CPU, tiny UNet, < 2 min; last line "ratio: X.XX"
     python benchmarks/speed.py                    # CUDA: SD1.5-size and SDXL-size UNets; CPU: a medium UNet
     python benchmarks/speed.py --json out.json    # also write every number
+    python benchmarks/speed.py --quick --variants ours-paper peft-lora ours-paper-keep   # opt-in variants
 
 Training: each variant gets its own copy of the same random-init UNet, the same batch and AdamW; one round
 runs one forward + backward + optimizer step of every variant (order rotated per round), so machine noise hits
-all of them alike. Medians are reported. Memory is described in :func:`_common.memory_report`.
+all of them alike. Medians are reported; with --budget (45 s per section under --quick) rounds stop early on
+a loaded machine. Memory is described in :func:`_common.memory_report`.
 
 Inference (our adapter, paper init, perturbed so it is non-trivial): forward latency unfused (the hook's two
 skinny matmuls with cached factors) against fused (``merge_delora``), and the latency of a lambda change
@@ -39,7 +41,12 @@ DEFAULT_VARIANT = "ours-" + dd.DeLoRAConfig().init
 
 
 def train_benchmark(
-    spec: C.UNetSpec, device: torch.device, variants: list[str], rounds: int, warmup: int
+    spec: C.UNetSpec,
+    device: torch.device,
+    variants: list[str],
+    rounds: int,
+    warmup: int,
+    budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """Interleaved step times and per-variant memory for one UNet configuration."""
     base = C.build_unet(spec, device)
@@ -51,7 +58,7 @@ def train_benchmark(
     def stepper(v: str):
         return lambda: losses[v].append(trainers[v].step())
 
-    times = C.interleaved({v: stepper(v) for v in variants}, rounds, warmup, device)
+    times = C.interleaved({v: stepper(v) for v in variants}, rounds, warmup, device, budget)
     rows = []
     lora_ms = C.median(times.wall["peft-lora"])
     lora_cpu = C.median(times.cpu["peft-lora"])
@@ -68,6 +75,7 @@ def train_benchmark(
                 "vs_peft_lora": step_ms / lora_ms,
                 "cpu_ms": cpu_ms,
                 "cpu_vs_peft_lora": cpu_ms / lora_cpu,
+                "rounds": len(times.wall[v]),
                 "step_ms_all": times.wall[v],
                 "final_loss": losses[v][-1],
                 "trainable_params": sum(p.numel() for p in C.trainable_parameters(trainers[v].unet)),
@@ -77,7 +85,9 @@ def train_benchmark(
     return rows
 
 
-def inference_benchmark(spec: C.UNetSpec, device: torch.device, rounds: int, warmup: int) -> dict[str, Any]:
+def inference_benchmark(
+    spec: C.UNetSpec, device: torch.device, rounds: int, warmup: int, budget: float | None = None
+) -> dict[str, Any]:
     """Unfused vs fused forward latency and lambda-change latency, interleaved."""
     base = C.build_unet(spec, device)
     batch = C.make_batch(spec, device)
@@ -106,7 +116,7 @@ def inference_benchmark(spec: C.UNetSpec, device: torch.device, rounds: int, war
         "lambda change fused (re-merge)": lambda: lambda_change(fused, "fused"),
     }
     with torch.no_grad():
-        times = C.interleaved(fns, rounds, warmup, device).wall
+        times = C.interleaved(fns, rounds, warmup, device, budget).wall
     dd.set_delora_scale(unfused, 1.0)
     dd.set_delora_scale(fused, 1.0)
     with torch.no_grad():
@@ -116,13 +126,13 @@ def inference_benchmark(spec: C.UNetSpec, device: torch.device, rounds: int, war
 
 def markdown_train(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| config | variant | step ms (median) | step ms (min) | × PEFT LoRA | CPU ms (median) | × PEFT LoRA (CPU) "
+        "| config | variant | rounds | step ms (median) | step ms (min) | × PEFT LoRA | CPU ms (median) | × PEFT LoRA (CPU) "
         "| saved MiB | state MiB | peak MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['variant']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | "
+            f"| {r['config']} | {r['variant']} | {r['rounds']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | "
             f"{r['vs_peft_lora']:.3f} | {r['cpu_ms']:.1f} | {r['cpu_vs_peft_lora']:.3f} | "
             f"{r['saved_mib']:.2f} | {r['state_mib']:.3f} | {r['peak_mib']:.2f} |"
         )
@@ -142,7 +152,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
-    parser.add_argument("--variants", nargs="+", default=list(C.VARIANTS), choices=C.VARIANTS)
+    parser.add_argument(
+        "--variants", nargs="+", default=list(C.VARIANTS), choices=C.VARIANTS + C.EXTRA_VARIANTS
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per timed section; rounds stop early past it (default with --quick: 45)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="override the batch size (quick mode)")
     parser.add_argument("--latent", type=int, default=None, help="override the latent size (quick mode)")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference measurements")
@@ -161,12 +179,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         specs = [C.tiny_spec(batch=args.batch or 4, latent=args.latent or 16)]
         rounds, warmup = args.rounds or 30, args.warmup or 3
+        budget = args.budget or 45.0
     elif device.type == "cuda":
         specs = [C.sd15_spec(), C.sdxl_spec()]
         rounds, warmup = args.rounds or 20, args.warmup or 3
+        budget = args.budget
     else:
         specs = [C.medium_spec()]
         rounds, warmup = args.rounds or 10, args.warmup or 2
+        budget = args.budget
     if "peft-lora" not in args.variants:
         parser.error("peft-lora is the reference; keep it in --variants")
 
@@ -183,11 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inference": [],
     }
     for spec in specs:
-        rows = train_benchmark(spec, device, args.variants, rounds, warmup)
+        rows = train_benchmark(spec, device, args.variants, rounds, warmup, budget)
         results["train"] += rows
         print(markdown_train(rows), flush=True)
         if not args.no_inference:
-            inf = inference_benchmark(spec, device, rounds, warmup)
+            inf = inference_benchmark(spec, device, rounds, warmup, None if budget is None else budget / 3)
             results["inference"].append(inf)
             print("\n" + markdown_inference(inf), flush=True)
         if device.type == "cuda":
