@@ -32,7 +32,7 @@ def evaluate_base_model(
     model: str | Path | object | None = None,
     n: int = 200,
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 7.5,
     seed: int = 0,
     batch_size: int = 50,
     probe: Probe | None = None,
