@@ -268,7 +268,16 @@ def test_embedded_default_run(tmp_path):
     if not (default_model_path() / "model_index.json").is_file():
         pytest.skip("the bundled model is not built yet")
     out = tmp_path / "out"
-    launch("--output_dir", str(out), "--max_train_steps", "2", "--num_validation_images", "1")
+    launch(
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--validation_inference_steps",
+        "2",
+    )
     meta = json.dumps(metadata(out / "delora_weights.safetensors"))
     assert str(default_model_path().resolve()) in meta and "striped_star" in meta
     assert (out / "validation" / "lambda_sweep.png").is_file() and (out / "README.md").is_file()
@@ -312,17 +321,27 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
 
 def test_no_flags_means_embedded_default():
     from delora_diffusion.embedded import default_model_path
-    from delora_diffusion.training import DEFAULT_OUTPUT_DIR, EMBEDDED_DEFAULTS, parse_args
+    from delora_diffusion.training import (
+        DEFAULT_OUTPUT_DIR,
+        EMBEDDED_DEFAULTS,
+        TrainingConfigError,
+        parse_args,
+    )
     from delora_diffusion.training.args import resolve_embedded
 
-    args = resolve_embedded(parse_args([]))
-    assert args.pretrained_model_name_or_path == str(default_model_path())
-    assert args.output_dir == DEFAULT_OUTPUT_DIR and args.resolution == EMBEDDED_DEFAULTS["resolution"] == 64
-    assert args.instance_prompt == "a photo of sks star" and args.class_prompt == "a photo of a star"
-    assert "sks star" in args.validation_prompt
+    args = parse_args([])
+    assert args.embedded and args.output_dir == DEFAULT_OUTPUT_DIR
+    assert args.resolution == EMBEDDED_DEFAULTS["resolution"] == 64
     assert args.learning_rate == EMBEDDED_DEFAULTS["learning_rate"]
-    # flags the user gives win over the embedded defaults
-    assert parse_args(["--rank", "3", "--output_dir", "x"]).rank == 3
+    assert parse_args(["--rank", "3", "--output_dir", "x"]).rank == 3  # flags win over the defaults
+    if not (default_model_path() / "model_index.json").is_file():
+        with pytest.raises(TrainingConfigError, match="train_embedded_base.py"):
+            resolve_embedded(args)
+        return
+    args = resolve_embedded(args)
+    assert args.pretrained_model_name_or_path == str(default_model_path())
+    assert args.instance_prompt == "a photo of sks star" and args.class_prompt == "a photo of a star"
+    assert "sks star" in args.validation_prompt and Path(args.instance_data_dir).is_dir()
 
 
 # --- data --------------------------------------------------------------------------------------------------

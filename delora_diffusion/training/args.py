@@ -30,8 +30,12 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "validation_inference_steps": 25,
     "validation_guidance_scale": 5.0,
     "checkpointing_steps": 1000,
+    "cache_latents": True,
     "seed": 0,
 }
+
+EMBEDDED_VALIDATION_BACKGROUND = "pink"
+"""The default run validates the subject on this background (one the subject's training images do not use)."""
 
 # Any other model: DeLoRA wants learning rates 10-100x LoRA's (PEFT's advice); lambda 15 as in PEFT's benchmark.
 GENERIC_DEFAULTS: dict[str, Any] = {
@@ -47,6 +51,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "validation_inference_steps": 25,
     "validation_guidance_scale": None,  # the pipeline's default
     "checkpointing_steps": 500,
+    "cache_latents": False,
     "seed": None,
 }
 
@@ -155,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model-specific")
     g.add_argument("--train_text_encoder", action="store_true", help="Also adapt the CLIP text encoder(s).")
-    g.add_argument("--cache_latents", action="store_true", help="Encode the images with the VAE once.")
+    g.add_argument(
+        "--cache_latents",
+        action="store_true",
+        default=None,
+        help="Encode each image with the VAE once (center crop, no flip).",
+    )
     g.add_argument("--rank", type=int, default=None)
     g.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (SD3 77, Flux 512).")
     g.add_argument(
@@ -207,7 +217,15 @@ def resolve_embedded(args: argparse.Namespace) -> argparse.Namespace:
     from ..embedded import default_model_path, default_subject
     from ..embedded.subjects import write_subjects
 
-    args.pretrained_model_name_or_path = str(default_model_path())
+    model = default_model_path()
+    if not (model / "model_index.json").is_file():
+        from .util import TrainingConfigError
+
+        raise TrainingConfigError(
+            f"The bundled model is missing from {model}. Build it with "
+            "`python train_scripts/train_embedded_base.py`, or pass --pretrained_model_name_or_path."
+        )
+    args.pretrained_model_name_or_path = str(model)
     if args.instance_data_dir is None:
         try:
             subject = default_subject()
@@ -218,5 +236,7 @@ def resolve_embedded(args: argparse.Namespace) -> argparse.Namespace:
         args.instance_prompt = args.instance_prompt or subject.instance_prompt
         args.class_prompt = args.class_prompt or subject.class_prompt
         if args.validation_prompt is None:
-            args.validation_prompt = subject.validation_prompts[0]
+            wanted = f"on a {EMBEDDED_VALIDATION_BACKGROUND} background"
+            matching = [p for p in subject.validation_prompts if p.endswith(wanted)]
+            args.validation_prompt = (matching or subject.validation_prompts)[0]
     return args

@@ -27,7 +27,7 @@ from . import checkpointing, data
 from .args import resolve_embedded
 from .families import Family, inspect_model, load_component
 from .model_card import write_model_card
-from .util import TrainingConfigError, TrainingDiverged, is_installed, require
+from .util import TrainingConfigError, TrainingDiverged, atomic_write_text, is_installed, require
 from .validation import build_pipeline, generate, run_validation, save_image
 
 logger = logging.getLogger("delora_diffusion.training")
@@ -241,7 +241,7 @@ def prepare_class_images(
                     n = min(args.sample_batch_size, missing - done)
                     images = generate(pipe, family, args.class_prompt, args, n, seed + existing + done)
                     for image in images:
-                        save_image(image, class_dir / f"class-{existing + done:05d}.png")
+                        save_image(image, free_name(class_dir, existing + done))
                         done += 1
                     bar.update(n)
             del pipe
@@ -250,6 +250,13 @@ def prepare_class_images(
     if not classes:
         raise TrainingConfigError(f"No usable class image in {str(class_dir)!r}.")
     return classes[: args.num_class_images]
+
+
+def free_name(folder: Path, index: int) -> Path:
+    """``class-<index>.png``, or the next index whose file does not exist yet (never overwrite)."""
+    while (folder / f"class-{index:05d}.png").exists():
+        index += 1
+    return folder / f"class-{index:05d}.png"
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -327,6 +334,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     # 1. Everything that can fail on flags or files, before any model loads.
     args = resolve_embedded(args)
+    tracker_requested = args.report_to
     check_args(args)
     info, family = inspect_model(args)
     check_model(args, family)
@@ -342,6 +350,10 @@ def train(args: argparse.Namespace) -> TrainResult:
     logger.info(
         "%s model %s; %d instance image(s); %s", family.name, base_model, len(instances), accelerator.state
     )
+    if tracker_requested is None and args.report_to is None:
+        logger.info(
+            "tensorboard is not installed, so metrics go to the progress bar only (pip install tensorboard)."
+        )
     if args.seed is not None:
         set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -556,7 +568,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             )
         pipeline_class = info.index.get("_class_name", "DiffusionPipeline")
         write_model_card(args, pipeline_class, base_model, output_dir, grids, global_step)
-        (output_dir / "training_args.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(output_dir / "training_args.json", json.dumps(record, indent=2) + "\n")
         if skipped:
             logger.warning("%d step(s) were skipped for non-finite losses.", skipped)
     accelerator.wait_for_everyone()

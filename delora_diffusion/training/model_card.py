@@ -37,7 +37,7 @@ def write_model_card(
         f"instance_prompt: {args.instance_prompt!r}",
         "---",
         "",
-        f"# DeLoRA DreamBooth adapter for {Path(base_model).name or base_model}",
+        f"# DeLoRA DreamBooth adapter: {args.instance_prompt}",
         "",
         "A [DeLoRA](https://arxiv.org/abs/2503.18225) adapter trained with "
         "`train_scripts/dreambooth_delora.py` from delora-diffusion. DeLoRA normalizes each rank-1 term "
