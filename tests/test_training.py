@@ -262,27 +262,6 @@ def test_two_process_ddp_identical_adapters(models, instance_dir, tmp_path):
         assert torch.equal(saved[f"{layer}.{tensor}"], value), key
 
 
-def test_embedded_default_run(tmp_path):
-    from delora_diffusion.embedded import default_model_path
-
-    if not (default_model_path() / "model_index.json").is_file():
-        pytest.skip("the bundled model is not built yet")
-    out = tmp_path / "out"
-    launch(
-        "--output_dir",
-        str(out),
-        "--max_train_steps",
-        "2",
-        "--num_validation_images",
-        "1",
-        "--validation_inference_steps",
-        "2",
-    )
-    meta = json.dumps(metadata(out / "delora_weights.safetensors"))
-    assert str(default_model_path().resolve()) in meta and "striped_star" in meta
-    assert (out / "validation" / "lambda_sweep.png").is_file() and (out / "README.md").is_file()
-
-
 # --- bad inputs (in-process; they fail before any model loads) ---------------------------------------------
 
 
