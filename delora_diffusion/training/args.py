@@ -28,7 +28,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "lr_warmup_steps": 0,
     "num_validation_images": 4,
     "validation_inference_steps": 25,
-    "validation_guidance_scale": 5.0,
+    "validation_guidance_scale": 7.5,  # the bundled model follows prompts best at 7.5
     "checkpointing_steps": 1000,
     "cache_latents": True,
     "seed": 0,
