@@ -602,10 +602,12 @@ def compute_loss(
     if "latent_params" in batch:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        latents = DiagonalGaussianDistribution(batch["latent_params"]).sample()
+        # The posterior mean, not a sample: real SD/SDXL/SD3/Flux VAEs have a near-zero posterior std, so
+        # this changes nothing there; the embedded VAE's std is large and its base model was trained on means.
+        latents = DiagonalGaussianDistribution(batch["latent_params"]).mode()
     else:
         with torch.no_grad():
-            latents = components["vae"].encode(batch["pixel_values"].to(dtype)).latent_dist.sample()
+            latents = components["vae"].encode(batch["pixel_values"].to(dtype)).latent_dist.mode()
     latents = family.scale_latents(latents).to(dtype)
     prompts = batch["prompts"]
     if prompt_cache:
