@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,33 @@ def test_bundled_model_loads_with_from_pretrained_and_follows_prompts():
     # The full measurement (200 captions, 25 steps, guidance 7.5) is in benchmarks/RESULTS.md; 16 captions are a smoke
     # test with room for sampling noise, but a model that ignores its prompt scores ~20-33% here.
     assert min(accuracy[a] for a in world.ATTRIBUTES) >= 0.75, accuracy
+
+
+def test_short_default_run_through_accelerate_launch(tmp_path):
+    """The README's main job, cut to a few steps: no flags but the output dir and the step count."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import delora_diffusion
+    from delora_diffusion.io import read_delora_file
+
+    out = tmp_path / "run"
+    script = Path(__file__).resolve().parents[1] / "train_scripts" / "dreambooth_delora.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    cmd += ["--mixed_precision", "no", str(script), "--output_dir", str(out), "--max_train_steps", "4"]
+    cmd += ["--validation_inference_steps", "2", "--num_validation_images", "1"]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, meta = read_delora_file(out / delora_diffusion.io.WEIGHT_NAME)
+    args = meta["training_args"]
+    assert Path(args["pretrained_model_name_or_path"]).resolve() == default_model_path().resolve()
+    assert Path(args["instance_data_dir"]).resolve() == default_subject().path.resolve()
+    assert args["instance_prompt"] == default_subject().instance_prompt
+    card = (out / "README.md").read_text()
+    assert "sks" in card and "load_delora_weights" in card
+    assert (out / "validation" / "lambda_sweep.png").exists()
+    assert json.loads((out / "training_args.json").read_text())["max_train_steps"] == 4

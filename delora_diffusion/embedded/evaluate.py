@@ -128,6 +128,7 @@ def subject_scores(
         "subject_similarity": similarity,
         "subject_attributes": float(np.mean(hits)),
         "accent_accuracy": float(np.mean(accent)),
+        **{f"{k}_accuracy": float(np.mean([v == subject.attributes[k] for v in predicted[k]])) for k in keys},
         "background_accuracy": float(np.mean(background)),
     }
 
