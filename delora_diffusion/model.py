@@ -198,10 +198,10 @@ def delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None
             _update_merged(layer, adapter, "lambda_scale", old)
 
 
-def set_delora_adapters(
-    model: nn.Module, adapter_names: str | list[str], weights: float | list[float] | None = None
-) -> nn.Module:
-    """Make exactly these adapters active, each with its weight (default 1.0); the others are switched off."""
+def adapter_weights(
+    adapter_names: str | list[str], weights: float | list[float] | None = None
+) -> tuple[list[str], list[float]]:
+    """Names and one weight per name, the way diffusers' ``set_adapters`` takes them (a scalar applies to all)."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if weights is None:
         weights = [1.0] * len(names)
@@ -211,6 +211,14 @@ def set_delora_adapters(
         raise ValueError(
             f"Got {len(names)} adapter names but {len(weights)} weights; pass one weight per name."
         )
+    return names, list(weights)
+
+
+def set_delora_adapters(
+    model: nn.Module, adapter_names: str | list[str], weights: float | list[float] | None = None
+) -> nn.Module:
+    """Make exactly these adapters active, each with its weight (default 1.0); the others are switched off."""
+    names, weights = adapter_weights(adapter_names, weights)
     for name in names:
         _require_adapter(model, name)
     chosen = {n: _check_scale(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)}

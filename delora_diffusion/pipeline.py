@@ -27,6 +27,7 @@ from torch import nn
 from . import functional, io
 from .config import DeLoRAConfig
 from .model import (
+    adapter_weights,
     delora_configs,
     delora_norm_report,
     get_delora_adapter_names,
@@ -388,15 +389,7 @@ def set_delora_adapters(
     pipe: Any, adapter_names: str | list[str], weights: float | list[float] | None = None
 ) -> None:
     """Make exactly these adapters active in every component, each with its weight (default 1.0)."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    if weights is None:
-        weights = [1.0] * len(names)
-    elif not isinstance(weights, (list, tuple)):
-        weights = [weights] * len(names)
-    if len(weights) != len(names):
-        raise ValueError(
-            f"Got {len(names)} adapter names but {len(weights)} weights; pass one weight per name."
-        )
+    names, weights = adapter_weights(adapter_names, weights)
     for name in names:
         _require(pipe, name)
     for module in _with_adapters(pipe).values():
