@@ -367,3 +367,20 @@ def test_dataset_batches_with_prior_preservation(tmp_path):
     batch = collate([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["num_instance"] == 2
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+
+
+def test_bf16_mixed_precision_run(models, instance_dir, tmp_path):
+    """Frozen models in bf16, adapters in fp32, and validation images from the bf16 pipeline."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    cmd = [*LAUNCH, str(SCRIPT), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "2"]
+    cmd[cmd.index("--mixed_precision") + 1] = "bf16"
+    cmd += ["--mixed_precision", "bf16", *validation_flags()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tensors = load_file(out / "delora_weights.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert (out / "validation" / "lambda_sweep.png").is_file()
+    assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    assert_adapter_changes_output(models["sd"], out, "sd")

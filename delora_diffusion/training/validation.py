@@ -62,7 +62,11 @@ def generate(
     if args.validation_guidance_scale is not None:
         kwargs["guidance_scale"] = args.validation_guidance_scale
     generator = None if seed is None else torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
+    # Under mixed precision the trained denoiser may hand back fp32 (accelerate's output conversion), which
+    # the next half-precision step would reject; autocast keeps every step in the models' dtype.
+    low = pipe.dtype in (torch.float16, torch.bfloat16)
+    precision = torch.autocast(pipe.device.type, dtype=pipe.dtype) if low else contextlib.nullcontext()
+    with torch.no_grad(), precision:
         return pipe(
             prompt,
             num_images_per_prompt=num_images,
