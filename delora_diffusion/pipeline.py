@@ -326,6 +326,21 @@ def _apply(plans: list[_Plan], name: str) -> None:
         raise
 
 
+def _one_adapter(pipe: Any, adapter_name: str | None, purpose: str) -> str:
+    """`adapter_name` checked, or the pipeline's only adapter when it is None (else a clear error)."""
+    if adapter_name is None:
+        names = _all_adapter_names(pipe)
+        if len(names) != 1:
+            raise ValueError(
+                f"This pipeline has DeLoRA adapters {names}; pass adapter_name=... to choose which one {purpose}."
+                if names
+                else f"This pipeline has no DeLoRA adapter {purpose}."
+            )
+        adapter_name = names[0]
+    _require(pipe, adapter_name)
+    return adapter_name
+
+
 def save_delora_weights(
     pipe: Any,
     save_directory: str | os.PathLike,
@@ -334,16 +349,7 @@ def save_delora_weights(
     weight_name: str = io.WEIGHT_NAME,
 ) -> Path:
     """Save one adapter (the only one, or `adapter_name`) from every component that has it."""
-    names = _all_adapter_names(pipe)
-    if adapter_name is None:
-        if len(names) != 1:
-            raise ValueError(
-                f"This pipeline has DeLoRA adapters {names}; pass adapter_name=... to choose which to save."
-                if names
-                else "This pipeline has no DeLoRA adapter to save."
-            )
-        adapter_name = names[0]
-    _require(pipe, adapter_name)
+    adapter_name = _one_adapter(pipe, adapter_name, "to save")
     loaded = _metadata_store(pipe).get(adapter_name, {})
     if training_args is None:
         training_args = loaded.get("training_args")
@@ -471,16 +477,7 @@ def enable_delora(pipe: Any) -> None:
 
 def get_delora_metadata(pipe: Any, adapter_name: str | None = None) -> dict[str, Any]:
     """The metadata of an adapter (what its file recorded: configs, base model, training args, ...)."""
-    names = _all_adapter_names(pipe)
-    if adapter_name is None:
-        if len(names) != 1:
-            raise ValueError(
-                f"This pipeline has DeLoRA adapters {names}; pass adapter_name=..."
-                if names
-                else "No DeLoRA adapter."
-            )
-        adapter_name = names[0]
-    _require(pipe, adapter_name)
+    adapter_name = _one_adapter(pipe, adapter_name, "to describe")
     stored = _metadata_store(pipe).get(adapter_name)
     if stored is not None:
         return dict(stored)

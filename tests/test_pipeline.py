@@ -281,3 +281,20 @@ def test_loading_onto_a_different_base_warns_but_loads(trained):
     with pytest.warns(UserWarning, match="1 of 32 unet layers have column norms that differ"):
         pipe.load_delora_weights(t.adapter_dir)
     assert pipe.get_list_delora_adapters()["unet"] == ["default"]
+
+
+def test_save_and_metadata_need_a_name_when_ambiguous(trained, tmp_path):
+    """With no adapter, or several, saving and describing say which name to pass instead of guessing."""
+    t = trained("sd")
+    pipe = tp.load_pipeline(t.base_dir)
+    with pytest.raises(ValueError, match="no DeLoRA adapter to save"):
+        pipe.save_delora_weights(tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    pipe.load_delora_weights(t.adapter_dir, adapter_name="one")
+    pipe.load_delora_weights(t.adapter_dir, adapter_name="two")
+    with pytest.raises(ValueError, match=r"adapters \['one', 'two'\]; pass adapter_name"):
+        pipe.save_delora_weights(tmp_path / "both")
+    with pytest.raises(ValueError, match="pass adapter_name"):
+        pipe.get_delora_metadata()
+    assert pipe.save_delora_weights(tmp_path / "two", adapter_name="two").exists()
+    assert pipe.get_delora_metadata("one")
