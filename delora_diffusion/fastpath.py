@@ -9,6 +9,7 @@ layers use for the whole step, so checkpointed recomputes see the very same tens
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -108,9 +109,20 @@ def _group(plan: _Plan, key: tuple, members: list[DeLoRAAdapter]) -> _Group:
 
 
 def _is_materialized(adapter: DeLoRAAdapter) -> bool:
-    """Sharded parameters (FSDP) are skipped here; those layers fold their own factors when unsharded."""
+    """Sharded parameters are skipped here; those layers fold their own factors in their forward, unsharded.
+
+    FSDP2 shards into DTensors (whose shape is the full one), FSDP1 into flat 1-D views, ZeRO-3 into empty
+    tensors; only a plain tensor of the full (rank, in) shape can be stacked.
+    """
     A = adapter._parameters["delora_A"]
-    return A.numel() == adapter.rank * adapter._buffers["delora_w_norm"].numel() and A.numel() > 0
+    full = (adapter.rank, adapter._buffers["delora_w_norm"].numel())
+    return A.shape == full and A.numel() > 0 and not _is_dtensor(A)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Without importing torch.distributed.tensor (half a second): no DTensor exists before it is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class _FoldGroup(torch.autograd.Function):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_pipelines as tp  # noqa: E402
@@ -171,8 +172,6 @@ def test_sd_prior_preservation_text_encoder_checkpoint_resume(models, instance_d
     card = (out / "README.md").read_text()
     assert "a photo of sks dog" in card and "load_delora_weights" in card and "lambda_sweep.png" in card
 
-    from safetensors.torch import load_file
-
     keys = load_file(out / "delora_weights.safetensors").keys()
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
     meta = json.dumps(metadata(out / "delora_weights.safetensors"))
@@ -213,53 +212,143 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(models, instance_dir, tmp_pa
 DDP_WRAPPER = """
 import os, sys
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from delora_diffusion.training import parse_args, train
 from delora_diffusion.training.checkpointing import adapter_tensors
 result = train(parse_args(sys.argv[2:]))
 rank = os.environ["RANK"]  # the process group is gone after end_training
 state = {f"{n}.{k}": v.contiguous() for n, m in result.adapted.items() for k, v in adapter_tensors(m).items()}
-save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors", metadata={"world": os.environ["WORLD_SIZE"]})
+sharded = sum(isinstance(p, DTensor) for p in result.adapted["unet"].parameters())
+metadata = {"world": os.environ["WORLD_SIZE"], "sharded": str(sharded)}
+save_file(state, f"{sys.argv[1]}/rank{rank}.safetensors", metadata=metadata)
 """
 
+# accelerate turns FSDP on only for GPU-like process groups (state.py: the FSDP branch sits under
+# `elif self.distributed_type in [MULTI_GPU, MULTI_NPU, ...]`), so on CPU a FSDP config gives plain DDP. This
+# prefix lets accelerate take its FSDP path on a CPU (gloo) process group by presenting it as multi-GPU before
+# the Accelerator is built; everything after that (accelerate's FSDP2 prepare, torch's fully_shard, the
+# script) is the real thing.
+FSDP_WRAPPER = (
+    """
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+PartialState(cpu=True)
+PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+"""
+    + DDP_WRAPPER
+)
 
-def test_two_process_ddp_identical_adapters(models, instance_dir, tmp_path):
+
+def dump_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def assert_ranks_match_file(ranks: list[dict], adapter_file: Path) -> None:
+    """Both processes hold the same adapter, and it is the one in the saved file."""
     from delora_diffusion.io import read_delora_file
 
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(DDP_WRAPPER)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    cmd += [
-        str(wrapper),
-        str(tmp_path),
-        *common(models["sd"], instance_dir, out, "sd"),
-        "--max_train_steps",
-        "2",
-    ]
-    cmd += ["--train_batch_size", "1"]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=dict(env(), OMP_NUM_THREADS="1"), timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "MULTI_CPU" in proc.stderr + proc.stdout
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
-    with safe_open(tmp_path / "rank0.safetensors", "pt") as f:
-        assert f.metadata()["world"] == "2"
     assert ranks[0].keys() == ranks[1].keys()
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    assert any(
-        "delora_lambda" in k and not torch.allclose(v, torch.tensor(15.0)) for k, v in ranks[0].items()
-    )
-    layers, _ = read_delora_file(out / "delora_weights.safetensors")
+    layers, _ = read_delora_file(adapter_file)
     saved = layers["unet"]  # "<layer>.<tensor name>"
     assert len(saved) == len(ranks[0])
     for key, value in ranks[0].items():
         layer, tensor = key.removeprefix("unet.").split(".delora.default.")
         assert torch.equal(saved[f"{layer}.{tensor}"], value), key
+
+
+def two_process_args(models, instance_dir, out: Path) -> list[str]:
+    """Same flags for the DDP and the FSDP run, so their adapters can be compared."""
+    return [
+        *common(models["sd"], instance_dir, out, "sd"),
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(models, instance_dir, tmp_path_factory) -> tuple[list[dict], Path]:
+    """Two gloo processes under torchrun: the per-rank adapters and the output dir (shared by two tests)."""
+    root = tmp_path_factory.mktemp("ddp")
+    wrapper = root / "wrapper.py"
+    wrapper.write_text(DDP_WRAPPER)
+    out = root / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd += [str(wrapper), str(root), *two_process_args(models, instance_dir, out)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(env(), OMP_NUM_THREADS="1"), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "MULTI_CPU" in proc.stderr + proc.stdout
+    assert dump_metadata(root / "rank0.safetensors") == {"world": "2", "sharded": "0"}
+    return [load_file(root / f"rank{r}.safetensors") for r in (0, 1)], out
+
+
+def test_two_process_ddp_identical_adapters(ddp_run):
+    ranks, out = ddp_run
+    assert any(
+        "delora_lambda" in k and not torch.allclose(v, torch.tensor(15.0)) for k, v in ranks[0].items()
+    )
+    assert_ranks_match_file(ranks, out / "delora_weights.safetensors")
+
+
+def launch_fsdp(wrapper: Path, ranks_dir: Path, args: list[str]) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2"]
+    cmd += [
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29544"]
+    cmd += ["--num_cpu_threads_per_process", "1"]
+    proc = subprocess.run(
+        [*cmd, str(wrapper), str(ranks_dir), *args], capture_output=True, text=True, env=env(), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+def test_fsdp2_two_process_matches_ddp_and_resumes(models, instance_dir, tmp_path, ddp_run):
+    """FSDP2 shards the frozen UNet; the adapter stays whole, trains like DDP, checkpoints and resumes."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(FSDP_WRAPPER)
+    out, first, resumed = tmp_path / "out", tmp_path / "first", tmp_path / "resumed"
+    first.mkdir()
+    resumed.mkdir()
+    args = [*two_process_args(models, instance_dir, out), "--checkpointing_steps", "1"]
+    log = launch_fsdp(wrapper, first, [*args, *validation_flags()])
+    assert "DistributedType.FSDP" in log
+    for r in (0, 1):  # the frozen UNet weights were sharded (DTensors)
+        assert int(dump_metadata(first / f"rank{r}.safetensors")["sharded"]) > 0
+    ranks = [load_file(first / f"rank{r}.safetensors") for r in (0, 1)]
+    assert_ranks_match_file(ranks, out / "delora_weights.safetensors")
+    ddp_ranks, _ = ddp_run
+    assert ranks[0].keys() == ddp_ranks[0].keys()
+    for key, value in ranks[0].items():  # same math as DDP, up to float rounding (Adam scales tiny grads)
+        assert torch.allclose(value, ddp_ranks[0][key], rtol=1e-5, atol=1e-5), key
+    assert (out / "validation" / "lambda_sweep.png").is_file()  # every process ran the sharded UNet
+    for step in (1, 2):
+        checkpoint = out / f"checkpoint-{step}"
+        assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+        assert (checkpoint / "delora_weights.safetensors").is_file()
+
+    log = launch_fsdp(wrapper, resumed, [*args, "--resume_from_checkpoint", "checkpoint-1"])
+    assert "Resuming from" in log and "checkpoint-1" in log
+    ranks = [load_file(resumed / f"rank{r}.safetensors") for r in (0, 1)]
+    assert_ranks_match_file(ranks, out / "delora_weights.safetensors")
+    assert_ranks_match_file(ranks, out / "checkpoint-2" / "delora_weights.safetensors")
+    step1 = load_file(out / "checkpoint-1" / "delora_state.safetensors")
+    changed = [k for k in step1 if "delora_A" in k and not torch.equal(step1[k], ranks[0][k])]
+    assert changed and all(torch.isfinite(v).all() for v in ranks[0].values())
 
 
 # --- bad inputs (in-process; they fail before any model loads) ---------------------------------------------
@@ -296,6 +385,58 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
         assert code == 2 and expected in err, (expected, err)
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_sharded_configs_give_clear_errors(models, instance_dir, tmp_path, capsys, monkeypatch):
+    """DeepSpeed without its package, FSDP1, FSDP with --train_text_encoder, FSDP where accelerate cannot."""
+    launch_ds = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_deepspeed",
+        "--num_processes",
+        "2",
+    ]
+    proc = subprocess.run(
+        [*launch_ds, str(SCRIPT)], capture_output=True, text=True, env=env(), timeout=120, cwd=ROOT
+    )
+    assert proc.returncode != 0 and "pip3 install deepspeed" in proc.stderr  # accelerate's launcher says it
+
+    base = common(models["sd"], instance_dir, tmp_path / "out", "sd")
+    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+    cases = [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "pip install deepspeed"),
+        ({"ACCELERATE_USE_FSDP": "true"}, [], "fsdp_version: 2"),
+        (fsdp2, ["--train_text_encoder"], "--train_text_encoder does not work with FSDP"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((fsdp2, [], "enables FSDP on GPUs (and other accelerators) only"))
+    for variables, extra, expected in cases:
+        with monkeypatch.context() as patch:
+            for name, value in variables.items():
+                patch.setenv(name, value)
+            code, err = run_main(base + extra, capsys)
+        assert code == 2 and expected in err and "Traceback" not in err, (expected, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gradient_checkpointing_validation_steps_fp16(models, instance_dir, tmp_path):
+    """Flags no other run uses: checkpointed activations, validation every 2 steps, fp16 (on CPU: unscaled)."""
+    out = tmp_path / "out"
+    cmd = [*LAUNCH, str(SCRIPT), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "3"]
+    cmd[cmd.index("--mixed_precision") + 1] = "fp16"
+    cmd += ["--gradient_checkpointing", "--validation_steps", "2", "--mixed_precision", "fp16"]
+    proc = subprocess.run([*cmd, *validation_flags()], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fp16 on CPU runs without loss scaling" in proc.stderr
+    written = sorted(p.name for p in (out / "validation").iterdir())
+    assert written == ["final.png", "lambda_sweep.png", "step-2.png"]
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["gradient_checkpointing"] and record["mixed_precision"] == "fp16"
+    tensors = load_file(out / "delora_weights.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert_adapter_changes_output(models["sd"], out, "sd")
 
 
 def test_no_flags_means_embedded_default():
@@ -371,8 +512,6 @@ def test_dataset_batches_with_prior_preservation(tmp_path):
 
 def test_bf16_mixed_precision_run(models, instance_dir, tmp_path):
     """Frozen models in bf16, adapters in fp32, and validation images from the bf16 pipeline."""
-    from safetensors.torch import load_file
-
     out = tmp_path / "out"
     cmd = [*LAUNCH, str(SCRIPT), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "2"]
     cmd[cmd.index("--mixed_precision") + 1] = "bf16"

@@ -2,7 +2,8 @@
 
 A checkpoint is written to ``checkpoint-N.tmp`` and renamed when complete, so a killed run never leaves a
 half-written ``checkpoint-N`` for ``--resume_from_checkpoint latest`` to pick up. The frozen base weights are
-never copied: the save hook keeps only the DeLoRA tensors.
+not copied: the save hook keeps only the DeLoRA tensors (under FSDP accelerate saves the whole sharded model
+and optimizer with torch.distributed.checkpoint regardless; the adapter file is written too and loaded last).
 """
 
 from __future__ import annotations
@@ -88,13 +89,13 @@ def register_hooks(accelerator: Any, components: dict[str, nn.Module]) -> None:
         weights.clear()  # the frozen weights are not checkpointed
 
     def load_hook(models: list, input_dir: str) -> None:
+        # Every adapted component, also under FSDP, where accelerate restores the whole models itself and
+        # passes none here: the adapter file is the reference either way.
         state = load_file(os.path.join(input_dir, STATE_FILE))
-        while models:
-            model = models.pop()
-            name = name_of(model)
+        models.clear()
+        for name, target in components.items():
             prefix = f"{name}."
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            target = accelerator.unwrap_model(model)
             expected = set(adapter_tensors(target))
             if set(own) != expected:
                 raise TrainingConfigError(

@@ -21,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DeLoRAConfig
-from ..model import delora_norm_report, delora_parameters, inject_delora, iter_delora_layers
+from ..model import delora_parameters, inject_delora, iter_delora_layers
 from ..targets import PRESETS
-from . import checkpointing, data
+from . import checkpointing, data, distributed
 from .args import resolve_embedded
 from .families import Family, inspect_model, load_component
 from .model_card import write_model_card
@@ -84,6 +84,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.optimizer == "prodigy":
         require("prodigyopt", "--optimizer prodigy")
     args.report_to = resolve_report_to(args.report_to)
+    distributed.check_args(args)
     checkpointing.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
 
@@ -295,13 +296,18 @@ def setup_logging(accelerator: Any) -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-def adapter_health(adapted: dict[str, nn.Module]) -> tuple[float, float]:
-    """(mean lambda, mean |dW|/|W|) over every adapted layer: DeLoRA's own training-health signals."""
-    rows = [r for model in adapted.values() for r in delora_norm_report(model, ADAPTER_NAME)]
-    return (
-        sum(r["lambda"] for r in rows) / len(rows),
-        sum(r["relative_delta"] for r in rows) / len(rows),
-    )
+def adapter_health(adapted: dict[str, nn.Module]) -> float:
+    """Mean |dW|/|W| over every adapted layer: DeLoRA's own training-health signal.
+
+    |W| comes from the frozen column norms (|W|_F = |w|), not the layer's weight, which FSDP shards.
+    """
+    with torch.no_grad():
+        values = [
+            (a.delta_weight().norm() / a.delora_w_norm.float().norm().clamp_min(1e-12)).item()
+            for m in adapted.values()
+            for *_, a in iter_delora_layers(m, ADAPTER_NAME)
+        ]
+    return sum(values) / len(values)
 
 
 def mean_lambda(adapted: dict[str, nn.Module]) -> float:
@@ -346,7 +352,14 @@ def train(args: argparse.Namespace) -> TrainResult:
     base_model = record["pretrained_model_name_or_path"]
 
     accelerator = make_accelerator(args)
+    distributed.check_accelerator(accelerator)
     setup_logging(accelerator)
+    distributed.configure(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning(
+            "fp16 on CPU runs without loss scaling (accelerate's GradScaler is for GPUs), so small gradients "
+            "can underflow, and CPU half-precision matmuls are slow: --mixed_precision bf16 suits a CPU better."
+        )
     logger.info(
         "%s model %s; %d instance image(s); %s", family.name, base_model, len(instances), accelerator.state
     )
@@ -428,9 +441,11 @@ def train(args: argparse.Namespace) -> TrainResult:
         power=args.lr_power,
     )
     names = list(adapted)
+    distributed.prepare(accelerator, adapted[family.denoiser], args)
     prepared = accelerator.prepare(*[adapted[n] for n in names], optimizer, lr_scheduler)
     wrapped = dict(zip(names, prepared[: len(names)]))
     optimizer, lr_scheduler = prepared[len(names) :]
+    distributed.check_prepared(accelerator, adapted[family.denoiser])
     checkpointing.register_hooks(accelerator, adapted)
     if accelerator.is_main_process and args.report_to:
         accelerator.init_trackers(
@@ -450,6 +465,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     # 5. The loop.
     trainable = [wrapped[n] for n in names]
+    adapter_params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     encoders = {name: wrapped.get(name, components[name]) for name in family.text_encoders}
     progress = tqdm(
         total=args.max_train_steps,
@@ -489,8 +505,11 @@ def train(args: argparse.Namespace) -> TrainResult:
                     if bad_in_window:
                         optimizer.zero_grad(set_to_none=True)
                     else:
-                        params = [p for m in trainable for p in m.parameters() if p.requires_grad]
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        distributed.average_gradients(accelerator, adapter_params)
+                        # Every parameter of the model(s), so accelerate's FSDP branch recognises the model
+                        # (frozen ones have no gradient and do not count).
+                        everything = [p for m in trainable for p in m.parameters()]
+                        accelerator.clip_grad_norm_(everything, args.max_grad_norm)
                         optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -516,7 +535,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             bad_in_row = 0
             global_step += 1
             if global_step % HEALTH_EVERY == 1 or global_step == args.max_train_steps:
-                relative = adapter_health(adapted)[1]
+                relative = adapter_health(adapted)
             lam = mean_lambda(adapted)
             logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "lambda": lam, "dW/W": relative}
             progress.update(1)
@@ -553,19 +572,12 @@ def train(args: argparse.Namespace) -> TrainResult:
             output_dir / WEIGHT_NAME, adapted, family, {**record, "global_step": global_step}
         )
         logger.info("Saved the adapter to %s", adapter_path)
-        grids: dict[str, Path] = {}
-        if args.validation_prompt:
-            grids = run_validation(
-                family,
-                components,
-                list(adapted.values()),
-                args,
-                dtype,
-                "final",
-                accelerator.trackers,
-                global_step,
-                sweep=True,
-            )
+    grids: dict[str, Path] = {}
+    if args.validation_prompt:
+        grids = validate(
+            accelerator, family, components, adapted, args, dtype, "final", global_step, sweep=True
+        )
+    if accelerator.is_main_process:
         pipeline_class = info.index.get("_class_name", "DiffusionPipeline")
         write_model_card(args, pipeline_class, base_model, output_dir, grids, global_step)
         atomic_write_text(output_dir / "training_args.json", json.dumps(record, indent=2) + "\n")
@@ -579,11 +591,25 @@ def train(args: argparse.Namespace) -> TrainResult:
     return TrainResult(output_dir, adapter_path, global_step, skipped, adapted)
 
 
-def validate(accelerator, family, components, adapted, args, dtype, name: str, step: int) -> None:
-    if accelerator.is_main_process:
-        run_validation(
-            family, components, list(adapted.values()), args, dtype, name, accelerator.trackers, step
-        )
+def validate(
+    accelerator: Any,
+    family: Family,
+    components: dict,
+    adapted: dict[str, nn.Module],
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    name: str,
+    step: int,
+    sweep: bool = False,
+) -> dict[str, Path]:
+    """Validation images from the main process (every process generates under FSDP; only the main one writes)."""
+    main = accelerator.is_main_process
+    if not (main or distributed.runs_on_every_process(accelerator)):
+        return {}
+    models = list(adapted.values())
+    return run_validation(
+        family, components, models, args, dtype, name, accelerator.trackers, step, sweep=sweep, save=main
+    )
 
 
 def compute_loss(

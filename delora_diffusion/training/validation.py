@@ -116,8 +116,13 @@ def run_validation(
     trackers: list[Any] = (),
     step: int = 0,
     sweep: bool = False,
+    save: bool = True,
 ) -> dict[str, Path]:
-    """Write ``validation/<name>.png`` (and ``validation/lambda_sweep.png`` with `sweep`); returns the paths."""
+    """Write ``validation/<name>.png`` (and ``validation/lambda_sweep.png`` with `sweep`); returns the paths.
+
+    With `save` False the images are generated and dropped: under FSDP every process must run the denoiser
+    (its weights are gathered collectively) while only the main one writes.
+    """
     out_dir = Path(args.output_dir) / "validation"
     pipe = build_pipeline(family, components, args, dtype)
     seed = args.seed if args.seed is not None else 0
@@ -125,10 +130,11 @@ def run_validation(
     written: dict[str, Path] = {}
     with eval_mode(adapted):
         images = generate(pipe, family, args.validation_prompt, args, n, seed)
-        written[name] = save_image(make_grid([images]), out_dir / f"{name}.png")
-        for tracker in trackers:
-            if hasattr(tracker, "log_images"):
-                tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step)
+        if save:
+            written[name] = save_image(make_grid([images]), out_dir / f"{name}.png")
+            for tracker in trackers:
+                if hasattr(tracker, "log_images"):
+                    tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step)
         if sweep:
             rows = []
             for scale in LAMBDA_SWEEP:
@@ -136,6 +142,8 @@ def run_validation(
                     for model in adapted:
                         stack.enter_context(delora_scale(model, scale))
                     rows.append(generate(pipe, family, args.validation_prompt, args, n, seed))
-            written["lambda_sweep"] = save_image(make_grid(rows), out_dir / "lambda_sweep.png")
-    logger.info("Validation images: %s", ", ".join(str(p) for p in written.values()))
+            if save:
+                written["lambda_sweep"] = save_image(make_grid(rows), out_dir / "lambda_sweep.png")
+    if written:
+        logger.info("Validation images: %s", ", ".join(str(p) for p in written.values()))
     return written
