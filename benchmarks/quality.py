@@ -13,6 +13,8 @@ Outputs under --out: results.json, results.md (tables), fidelity_vs_lr.png, drif
 
     python benchmarks/quality.py                       # the full grid recorded in RESULTS.md
     python benchmarks/quality.py --quick               # a smoke run (one subject, two LRs, few steps)
+    python benchmarks/quality.py --from_results a/results.json b/results.json --out merged
+                                                       # tables and plots from runs split across processes
 """
 
 from __future__ import annotations
@@ -240,6 +242,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("outputs/benchmarks/quality"))
     p.add_argument("--quick", action="store_true", help="one subject, two LRs, 20/40 steps: a smoke run")
+    p.add_argument(
+        "--from_results",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="no training: rebuild results.json/md and the plots under --out from these results.json files",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.subjects, args.lrs, args.steps, args.per_prompt, args.inference_steps = (
@@ -257,6 +266,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        rows = [r for f in args.from_results for r in json.loads(f.read_text())["rows"]]
+        args.subjects = list(dict.fromkeys(r["subject"] for r in rows))
+        args.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        args.lrs = sorted({r["lr"] for r in rows})
+        args.steps = sorted({r["steps"] for r in rows})
+        (args.out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, default=str))
+        return report(rows, args)
     bench = Bench(args)
     rows: list[dict] = []
     for subject in args.subjects:
@@ -266,6 +283,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 (args.out / "results.json").write_text(
                     json.dumps({"args": vars(args), "rows": rows}, default=str)
                 )
+    return report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """results.md and the plots under --out, from the rows."""
     table = summarize(rows, args)
     (args.out / "results.md").write_text(table)
     plot(rows, args)

@@ -379,6 +379,12 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
         "pip install prodigyopt": ["--instance_data_dir", str(instance_dir), "--optimizer", "prodigy"],
         "pip install bitsandbytes": ["--instance_data_dir", str(instance_dir), "--use_8bit_adam"],
         "pip install tensorboard": ["--instance_data_dir", str(instance_dir), "--report_to", "tensorboard"],
+        "needs --validation_prompt": [
+            "--instance_data_dir",
+            str(instance_dir),
+            "--extra_validation_prompts",
+            "a",
+        ],
     }
     for expected, extra in cases.items():
         code, err = run_main(base + extra, capsys)

@@ -20,10 +20,14 @@ SUBJECTS_DIR = Path(__file__).parent / "subjects"
 DEFAULT_SUBJECT = "striped_star"
 # name -> (instance token, Scene template). Backgrounds, sizes and positions vary per image.
 SPECS: dict[str, tuple[str, world.Scene]] = {
-    "striped_star": ("sks", world.Scene("star", "red", "striped", "white", accent="yellow")),
+    "striped_star": ("sks", world.Scene("star", "red", "striped", "white", accent="purple")),
     "dotted_square": ("zxq", world.Scene("square", "blue", "dotted", "white", accent="orange")),
 }
 N_TRAIN, N_HELDOUT = 5, 4
+# Subjects are drawn larger than base-world objects (0.42-0.7 of the side), so that their stripes and dots are
+# at least one latent cell wide: the bundled VAE has a 4x downsampling factor, and thinner two-colour marks
+# decode as a blend (red with yellow stripes came back orange).
+SUBJECT_SIZE_RANGE = (0.55, 0.75)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def _views(
 ) -> list[world.Scene]:
     views = []
     for i in range(n):
-        scene = world.rejitter(template, rng)
+        scene = world.rejitter(template, rng, SUBJECT_SIZE_RANGE)
         views.append(world.Scene(**{**scene.__dict__, "background": backgrounds[i % len(backgrounds)]}))
     return views
 

@@ -25,6 +25,9 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "delora_lambda": 15.0,
     "delora_lambda_lr": 1e-3,
     "rank": 4,
+    # Attention alone learned the subject's shape but not its two colours in 1000 steps; adding the
+    # feed-forward layers did (benchmarks/RESULTS.md, "Default run"), for ~20% more step time.
+    "delora_targets": "unet-ff",
     "lr_warmup_steps": 0,
     "num_validation_images": 4,
     "validation_inference_steps": 25,
@@ -103,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs.")
     g.add_argument("--validation_inference_steps", type=int, default=None)
     g.add_argument("--validation_guidance_scale", type=float, default=None)
+    g.add_argument(
+        "--extra_validation_prompts",
+        nargs="+",
+        default=None,
+        help="More prompts for the final validation, e.g. the subject in new contexts: one row each in "
+        "validation/prompts.png (with --num_validation_images images per row).",
+    )
 
     g = p.add_argument_group("run and output")
     g.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -239,4 +249,6 @@ def resolve_embedded(args: argparse.Namespace) -> argparse.Namespace:
             wanted = f"on a {EMBEDDED_VALIDATION_BACKGROUND} background"
             matching = [p for p in subject.validation_prompts if p.endswith(wanted)]
             args.validation_prompt = (matching or subject.validation_prompts)[0]
+        if args.extra_validation_prompts is None:
+            args.extra_validation_prompts = subject.validation_prompts  # every background: new contexts
     return args

@@ -68,6 +68,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingConfigError(
                 "--with_prior_preservation needs --class_data_dir (created if missing)."
             )
+    if args.extra_validation_prompts and not args.validation_prompt:
+        raise TrainingConfigError(
+            "--extra_validation_prompts needs --validation_prompt (the final validation)."
+        )
     for flag in ("train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs", "rank"):
         if getattr(args, flag) < 1:
             raise TrainingConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")

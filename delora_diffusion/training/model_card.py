@@ -82,4 +82,12 @@ def write_model_card(
                 f"![lambda sweep](validation/{grids['lambda_sweep'].name})",
                 "",
             ]
+        if "prompts" in grids:
+            listed = "; ".join(f"`{p}`" for p in args.extra_validation_prompts)
+            lines += [
+                f"One row per prompt: {listed}.",
+                "",
+                f"![prompts](validation/{grids['prompts'].name})",
+                "",
+            ]
     return atomic_write_text(adapter_dir / "README.md", "\n".join(lines))

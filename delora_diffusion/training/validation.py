@@ -118,7 +118,8 @@ def run_validation(
     sweep: bool = False,
     save: bool = True,
 ) -> dict[str, Path]:
-    """Write ``validation/<name>.png`` (and ``validation/lambda_sweep.png`` with `sweep`); returns the paths.
+    """Write ``validation/<name>.png`` (and, with `sweep`, ``validation/lambda_sweep.png`` and
+    ``validation/prompts.png`` for ``--extra_validation_prompts``); returns the paths.
 
     With `save` False the images are generated and dropped: under FSDP every process must run the denoiser
     (its weights are gathered collectively) while only the main one writes.
@@ -144,6 +145,10 @@ def run_validation(
                     rows.append(generate(pipe, family, args.validation_prompt, args, n, seed))
             if save:
                 written["lambda_sweep"] = save_image(make_grid(rows), out_dir / "lambda_sweep.png")
+        if sweep and args.extra_validation_prompts:
+            rows = [generate(pipe, family, p, args, n, seed) for p in args.extra_validation_prompts]
+            if save:
+                written["prompts"] = save_image(make_grid(rows), out_dir / "prompts.png")
     if written:
         logger.info("Validation images: %s", ", ".join(str(p) for p in written.values()))
     return written
