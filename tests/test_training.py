@@ -426,19 +426,37 @@ def test_sharded_configs_give_clear_errors(models, instance_dir, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_gradient_checkpointing_validation_steps_fp16(models, instance_dir, tmp_path):
-    """Flags no other run uses: checkpointed activations, validation every 2 steps, fp16 (on CPU: unscaled)."""
+def hub_cache_with(model_dir: Path, cache: Path, repo_id: str) -> None:
+    """Lay `model_dir` out as the hub cache does (models--org--name/snapshots/<rev>/, refs/main)."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_hub_id_gradient_checkpointing_validation_steps_fp16(models, instance_dir, tmp_path):
+    """Flags no other run uses: a hub model id (from an offline hub cache), checkpointed activations,
+    validation every 2 steps, fp16 (on CPU: unscaled)."""
     out = tmp_path / "out"
+    hub_cache_with(models["sd"], tmp_path / "hub", "someone/tiny-sd")
     cmd = [*LAUNCH, str(SCRIPT), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "3"]
-    cmd[cmd.index("--mixed_precision") + 1] = "fp16"
+    cmd[cmd.index("--pretrained_model_name_or_path") + 1] = "someone/tiny-sd"
+    cmd[cmd.index("--mixed_precision") + 1] = "fp16"  # the launcher's; the script's flag follows
     cmd += ["--gradient_checkpointing", "--validation_steps", "2", "--mixed_precision", "fp16"]
-    proc = subprocess.run([*cmd, *validation_flags()], capture_output=True, text=True, env=env(), timeout=300)
+    run_env = {**env(), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run(
+        [*cmd, *validation_flags()], capture_output=True, text=True, env=run_env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fp16 on CPU runs without loss scaling" in proc.stderr
     written = sorted(p.name for p in (out / "validation").iterdir())
     assert written == ["final.png", "lambda_sweep.png", "step-2.png"]
     record = json.loads((out / "training_args.json").read_text())
     assert record["gradient_checkpointing"] and record["mixed_precision"] == "fp16"
+    assert record["pretrained_model_name_or_path"] == "someone/tiny-sd"
     tensors = load_file(out / "delora_weights.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in tensors.values())
