@@ -363,6 +363,10 @@ class AppService:
         found.sort(key=lambda n: (n != ".", n))
         return found + sorted(self._uploads)
 
+    def adapter_label(self, name: str) -> str:
+        """What the UI shows for an adapter name: the adapters dir itself ('.') by its folder name."""
+        return f"{self.adapters_dir.name} (the adapters dir)" if name == "." else name
+
     def _scan(self, root: Path, directory: Path, depth: int, found: list[str]) -> None:
         try:
             entries = sorted(directory.iterdir())
@@ -596,7 +600,7 @@ class AppService:
             metadata = [pipe.get_delora_metadata(name) for name in names]
         sections = []
         for (choice, weight), rows, meta in zip(adapters, reports, metadata, strict=True):
-            sections.append(format_adapter_info(choice, weight, value, rows, meta))
+            sections.append(format_adapter_info(self.adapter_label(choice), weight, value, rows, meta))
         return "\n\n".join(sections)
 
 
@@ -719,7 +723,7 @@ def build_ui(service: AppService, default_steps: int = 20, default_guidance: flo
                 for i in range(ADAPTER_SLOTS):
                     with gr.Row(equal_height=True):
                         dd = gr.Dropdown(
-                            choices=[("(none)", "")] + [(a, a) for a in adapters],
+                            choices=[("(none)", "")] + [(service.adapter_label(a), a) for a in adapters],
                             value=adapters[0] if (i == 0 and adapters) else "",
                             label=f"Adapter {i + 1}",
                             elem_id=f"adapter-{i}",
@@ -848,7 +852,7 @@ def build_ui(service: AppService, default_steps: int = 20, default_guidance: flo
 
         def choices_update(current: Sequence[Any]) -> list[Any]:
             names = service.list_adapters()
-            opts = [("(none)", "")] + [(a, a) for a in names]
+            opts = [("(none)", "")] + [(service.adapter_label(a), a) for a in names]
             return [gr.update(choices=opts, value=c if c in names else "") for c in current]
 
         @guard

@@ -161,6 +161,8 @@ def test_adapters_dir_itself_is_listed_as_dot(tiny: dict[str, Path]) -> None:
     svc = AppService([str(tiny["model"])], adapters_dir=tiny["loose"])
     assert svc.list_adapters() == ["."]
     assert svc.resolve_adapter(".") == tiny["loose"].resolve()
+    assert svc.adapter_label(".") == f"{tiny['loose'].name} (the adapters dir)"  # never a bare "." in the UI
+    assert svc.adapter_label("run1/checkpoint-2") == "run1/checkpoint-2"
     assert AppService(["m"], adapters_dir=tiny["root"] / "missing").list_adapters() == []
 
 
