@@ -181,3 +181,11 @@ def test_short_default_run_through_accelerate_launch(tmp_path):
     contexts = Image.open(out / "validation" / "prompts.png")  # the subject on every background, one row each
     assert contexts.size == (64, 64 * len(world.BACKGROUNDS)) and "prompts.png" in card
     assert json.loads((out / "training_args.json").read_text())["max_train_steps"] == 4
+
+    # The scoring script of RESULTS.md's default-run table reads this run (cut to 2 sampling steps).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import default_run
+
+    scores = default_run.main([str(out), "--per_prompt", "1", "--inference_steps", "2", "--threads", "1"])
+    assert set(scores) >= {"subject_similarity", "color_accuracy", "background_accuracy", "drift"}
+    assert 0 < scores["drift"] < 0.5 and -1 <= scores["subject_similarity"] <= 1
