@@ -439,13 +439,14 @@ def hub_cache_with(model_dir: Path, cache: Path, repo_id: str) -> None:
 
 def test_hub_id_gradient_checkpointing_validation_steps_fp16(models, instance_dir, tmp_path):
     """Flags no other run uses: a hub model id (from an offline hub cache), checkpointed activations,
-    validation every 2 steps, fp16 (on CPU: unscaled)."""
+    validation every 2 steps and every epoch, fp16 (on CPU: unscaled)."""
     out = tmp_path / "out"
     hub_cache_with(models["sd"], tmp_path / "hub", "someone/tiny-sd")
     cmd = [*LAUNCH, str(SCRIPT), *common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "3"]
     cmd[cmd.index("--pretrained_model_name_or_path") + 1] = "someone/tiny-sd"
     cmd[cmd.index("--mixed_precision") + 1] = "fp16"  # the launcher's; the script's flag follows
-    cmd += ["--gradient_checkpointing", "--validation_steps", "2", "--mixed_precision", "fp16"]
+    cmd += ["--gradient_checkpointing", "--validation_steps", "2", "--validation_epochs", "1"]
+    cmd += ["--mixed_precision", "fp16"]
     run_env = {**env(), "HF_HUB_CACHE": str(tmp_path / "hub")}
     proc = subprocess.run(
         [*cmd, *validation_flags()], capture_output=True, text=True, env=run_env, timeout=300
@@ -453,7 +454,7 @@ def test_hub_id_gradient_checkpointing_validation_steps_fp16(models, instance_di
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fp16 on CPU runs without loss scaling" in proc.stderr
     written = sorted(p.name for p in (out / "validation").iterdir())
-    assert written == ["final.png", "lambda_sweep.png", "step-2.png"]
+    assert written == ["epoch-1.png", "final.png", "lambda_sweep.png", "step-2.png"]  # 3 images, batch 2
     record = json.loads((out / "training_args.json").read_text())
     assert record["gradient_checkpointing"] and record["mixed_precision"] == "fp16"
     assert record["pretrained_model_name_or_path"] == "someone/tiny-sd"
