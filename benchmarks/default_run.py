@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if not args.output_dir.exists():
+        p.error(f"{str(args.output_dir)!r} does not exist; pass the --output_dir of a finished training run.")
+    if min(args.per_prompt, args.inference_steps, args.threads) < 1:
+        p.error("--per_prompt, --inference_steps and --threads must be at least 1.")
+    folder = Path(args.subject)
+    try:
+        subject = load_subject(folder.name, folder.parent) if folder.is_dir() else load_subject(args.subject)
+    except FileNotFoundError as err:
+        p.error(f"--subject: {err}")
     torch.set_num_threads(args.threads)
 
     from diffusers import StableDiffusionPipeline
@@ -50,8 +59,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pipe = StableDiffusionPipeline.from_pretrained(str(args.model))
     pipe.set_progress_bar_config(disable=True)
     probe = load_probe()
-    folder = Path(args.subject)
-    subject = load_subject(folder.name, folder.parent) if folder.is_dir() else load_subject(args.subject)
     settings = {"steps": args.inference_steps, "guidance": args.guidance, "seed": args.seed}
     base = generate_for_drift(pipe, subject, **settings)
     pipe.load_delora_weights(str(args.output_dir))

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_results:
-        rows = [r for f in args.from_results for r in json.loads(f.read_text())["rows"]]
+        rows = [r for f in args.from_results for r in read_rows(f)]
         args.subjects = list(dict.fromkeys(r["subject"] for r in rows))
         args.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
         args.lrs = sorted({r["lr"] for r in rows})
@@ -284,6 +284,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     json.dumps({"args": vars(args), "rows": rows}, default=str)
                 )
     return report(rows, args)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results.json this script wrote; a clear error for anything else."""
+    try:
+        return json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"--from_results {str(path)!r}: not a results.json of this script ({err})."
+        ) from None
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> list[dict]:

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=default_model_path())
     args = p.parse_args(argv)
+    low, high = args.size
+    if not 0 < low <= high < 1:
+        p.error(f"--size {low:g} {high:g}: give a range 0 < low <= high < 1 (fractions of the image side).")
+    if args.n < 1:
+        p.error("--n must be at least 1.")
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(str(args.model), subfolder="vae").eval()
