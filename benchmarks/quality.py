@@ -264,9 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.from_results:
+    if args.from_results:  # no torch work here, so the thread setting below stays untouched
         rows = [r for f in args.from_results for r in read_rows(f)]
         args.subjects = list(dict.fromkeys(r["subject"] for r in rows))
         args.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -274,6 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.steps = sorted({r["steps"] for r in rows})
         (args.out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, default=str))
         return report(rows, args)
+    torch.set_num_threads(args.threads)
     bench = Bench(args)
     rows: list[dict] = []
     for subject in args.subjects:

@@ -29,10 +29,14 @@ def test_default_run_names_a_missing_run_and_an_unknown_subject(capsys, tmp_path
 
 
 def test_quality_from_results_names_a_bad_file(capsys, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
     bad = tmp_path / "results.json"
     bad.write_text("{not json")
     err = exits_with(capsys, quality.main, ["--from_results", str(bad), "--out", str(tmp_path / "out")])
     assert str(bad) in err and "not a results.json" in err
+    assert torch.get_num_threads() == threads  # a merge does no torch work and leaves the setting alone
 
 
 def test_vae_ceiling_rejects_bad_designs_and_sizes(capsys):
