@@ -168,14 +168,14 @@ def unet_forward(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 # --- variants -----------------------------------------------------------------------------------------------
 VARIANTS = ("ours-paper", "ours-zero", "peft-lora", "peft-delora")
 EXTRA_VARIANTS = ("ours-paper-keep", "ours-zero-keep")
-"""Opt-in: ours with ``layers.RECOMPUTE_HIDDEN`` off (autograd keeps the T x r hidden; less compute, more memory)."""
+"""Opt-in: ours with ``fastpath_options(recompute_hidden=False)`` (autograd keeps the T x r hidden; less compute, more memory)."""
 
 
-def variant_context(variant: str) -> None:
-    """Set the process-wide switches a variant runs with (called before each of its steps)."""
-    from delora_diffusion import layers
+def variant_context(variant: str) -> Any:
+    """The fast-path switches a variant runs with, as a context manager around each of its steps."""
+    from delora_diffusion.fastpath import fastpath_options
 
-    layers.RECOMPUTE_HIDDEN = not variant.endswith("-keep")
+    return fastpath_options(recompute_hidden=not variant.endswith("-keep"))
 
 
 LAMBDA = 15.0
@@ -224,11 +224,11 @@ class Trainer:
     times: list[float] = field(default_factory=list)
 
     def step(self) -> float:
-        variant_context(self.variant)
-        loss = torch.nn.functional.mse_loss(
-            unet_forward(self.unet, self.batch).float(), self.batch["target"].float()
-        )
-        loss.backward()
+        with variant_context(self.variant):
+            loss = torch.nn.functional.mse_loss(
+                unet_forward(self.unet, self.batch).float(), self.batch["target"].float()
+            )
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
@@ -343,7 +343,6 @@ def memory_report(trainer: Trainer, device: torch.device) -> dict[str, float]:
       (the model itself); on CPU, ``saved + state``, an allocator-free estimate of the same quantity.
     """
     unet = trainer.unet
-    variant_context(trainer.variant)
     owned = {t.untyped_storage().data_ptr() for t in list(unet.parameters()) + list(unet.buffers())}
     saved: dict[int, int] = {}
 
@@ -358,11 +357,12 @@ def memory_report(trainer: Trainer, device: torch.device) -> dict[str, float]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = torch.nn.functional.mse_loss(
-            unet_forward(unet, trainer.batch).float(), trainer.batch["target"].float()
-        )
-    loss.backward()
+    with variant_context(trainer.variant):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.nn.functional.mse_loss(
+                unet_forward(unet, trainer.batch).float(), trainer.batch["target"].float()
+            )
+        loss.backward()
     trainer.optimizer.step()
     state = tensor_bytes(_persistent_adapter_tensors(trainer))
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -1,25 +1,63 @@
-"""Batched factor refresh: a few ops per group of same-shaped layers instead of ~10 per layer.
+"""Where the forward gets its folded factors: the per-layer cache, the batched refresh, the forward hook.
 
-Before each forward of a model that has adapters, a pre-hook gathers every adapter whose cached factors are
-stale (always all of them while training: the last backward freed their graph), groups them by
-(shape, rank, init, dtype, device), and folds each group with one stacked call of
-:func:`delora_diffusion.functional.fold_factors`. The results are unbound into per-layer caches, which the
-layers use for the whole step, so checkpointed recomputes see the very same tensors.
+All cache logic lives here. Each :class:`~delora_diffusion.layers.DeLoRALayer` may hold one cached pair
+(A', B') plus the *stamp* it was computed under. A pair goes stale when any input of the fold changes:
+
+- an optimizer step or any in-place write to A, B or lambda (their ``_version`` counters move), or a new
+  tensor put in their place (``data_ptr`` moves);
+- a write to the frozen w / A0 / B0 (e.g. ``load_state_dict``; the sum of their versions moves);
+- a change of the run-time scale (``set_delora_scale``, adapter weights) or of the compute dtype (autocast).
+
+While gradients flow, cached pairs are never reused across forwards: the previous backward freed their graph.
+So before each forward of a model with adapters, a pre-hook on the model (:func:`refresh_pre_hook`) gathers
+every stale adapter, groups them by (shape, rank, init, dtype, device), and folds each group with one stacked
+call of :func:`delora_diffusion.functional.fold_factors` (:class:`_FoldGroup`). The layers then use those
+pairs for the whole step, so checkpointed recomputes see the very same tensors. Under ``torch.compile``
+nothing is cached: each layer folds inline, so the graph has no Python-side checks to break on, and the scale
+is read from a tensor, so changing it never recompiles.
+
+:func:`fastpath_options` switches the batched refresh and the hidden recompute off (benchmarks, debugging).
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import functional
-from .layers import DeLoRAAdapter, DeLoRAAdapters, compute_dtype
+from .layers import DeLoRAContainer, DeLoRALayer, apply_update, compute_dtype
 
-ENABLED = True
-"""Module switch for benchmarks and debugging: False makes every layer fold its own factors."""
+
+@dataclass
+class FastPathOptions:
+    batched: bool = True
+    """Fold all layers' factors in a few batched ops before the forward (False: each layer folds its own)."""
+    recompute_hidden: bool = True
+    """Linear layers recompute the T x r hidden in backward instead of keeping it."""
+
+
+_options = FastPathOptions()
+
+
+@contextlib.contextmanager
+def fastpath_options(batched: bool | None = None, recompute_hidden: bool | None = None) -> Iterator[None]:
+    """``with fastpath_options(batched=False): ...`` runs the block with the switches changed, then restores them."""
+    previous = (_options.batched, _options.recompute_hidden)
+    if batched is not None:
+        _options.batched = batched
+    if recompute_hidden is not None:
+        _options.recompute_hidden = recompute_hidden
+    try:
+        yield
+    finally:
+        _options.batched, _options.recompute_hidden = previous
+
 
 _structure_version = 0
 
@@ -30,9 +68,115 @@ def structure_changed() -> None:
     _structure_version += 1
 
 
+# --- the per-layer cache ----------------------------------------------------------------------------------------
+def _stamp(layer: DeLoRALayer, dtype: torch.dtype) -> tuple:
+    """Everything the folded factors depend on (see the module docstring for when they go stale).
+
+    Reads go through ``_parameters`` / ``_buffers`` directly: this runs for every layer on every forward.
+    """
+    params, buffers = layer._parameters, layer._buffers
+    A, B, lam, w = params["delora_A"], params["delora_B"], params["delora_lambda"], buffers["delora_w_norm"]
+    frozen = sum(t._version for k, t in buffers.items() if t is not None and k != "scale_tensor")
+    return (
+        A._version,
+        B._version,
+        lam._version,
+        A.data_ptr(),
+        B.data_ptr(),
+        w.data_ptr(),
+        frozen,
+        layer.effective_scale,
+        dtype,
+    )
+
+
+def _set_cache(layer: DeLoRALayer, A_f: torch.Tensor, B_f: torch.Tensor, stamp: tuple) -> None:
+    # Plain attributes: written straight into __dict__, skipping nn.Module.__setattr__'s checks. Copies and
+    # pickles of the layer leave them behind (DeLoRALayer.__getstate__).
+    layer.__dict__["_cache"] = (A_f, B_f)
+    layer.__dict__["_cache_stamp"] = stamp
+
+
+def _cache_is_fresh(layer: DeLoRALayer, dtype: torch.dtype) -> bool:
+    return layer.__dict__.get("_cache") is not None and layer.__dict__["_cache_stamp"] == _stamp(layer, dtype)
+
+
+def clear_cache(layer: DeLoRALayer) -> None:
+    layer.__dict__["_cache"] = layer.__dict__["_cache_stamp"] = None
+
+
+def layer_factors(layer: DeLoRALayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded (A', B') in `dtype`: the cached pair when still fresh, else folded here.
+
+    When training, a pair folded here is not cached: the next forward may follow a backward that freed its
+    graph. The batched refresh owns caching while gradients flow.
+    """
+    if _cache_is_fresh(layer, dtype):
+        return layer.__dict__["_cache"]
+    factors = layer.compute_factors(dtype)
+    if not (torch.is_grad_enabled() and layer.delora_A.requires_grad):
+        _set_cache(layer, *factors, _stamp(layer, dtype))
+    return factors
+
+
+# --- the forward hook -------------------------------------------------------------------------------------------
+def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """y = base(x) + the update of every contributing adapter."""
+    container: DeLoRAContainer = base._modules["delora"]
+    if container.disabled:
+        return output
+    if torch.compiler.is_compiling():
+        return _compiled_update(base, container, args[0], output)
+    x = args[0]
+    dtype = None
+    for layer in container._modules.values():
+        if not layer.contributes():
+            continue
+        if layer.training and layer.module_dropout > 0 and random.random() < layer.module_dropout:
+            continue
+        dtype = dtype or compute_dtype(base)
+        A_f, B_f = layer_factors(layer, dtype)
+        output = output + apply_update(base, x, A_f, B_f, _options.recompute_hidden).to(output.dtype)
+    return output
+
+
+def _compiled_update(
+    base: nn.Module, container: DeLoRAContainer, x: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
+    """The hook as dynamo traces it: no cache, the scale as a tensor, dropout as a tensor op."""
+    dtype = compute_dtype(base)
+    for layer in container._modules.values():
+        if not layer.active or layer.merged:
+            continue
+        A_f, B_f = layer.compute_factors(dtype, layer.scale_tensor)
+        update = apply_update(base, x, A_f, B_f, _options.recompute_hidden)
+        if layer.training and layer.module_dropout > 0:
+            update = update * (torch.rand((), device=x.device) >= layer.module_dropout)
+        output = output + update.to(output.dtype)
+    return output
+
+
+def attach(base: nn.Module) -> DeLoRAContainer:
+    """Give `base` its adapter container and the forward hook (once)."""
+    container = base._modules.get("delora")
+    if container is None:
+        container = DeLoRAContainer()
+        base.add_module("delora", container)
+        base._delora_hook = base.register_forward_hook(delora_forward_hook)
+    return container
+
+
+def detach(base: nn.Module) -> None:
+    """Remove the container and hook from `base` (after its last adapter is gone)."""
+    base._delora_hook.remove()
+    del base._delora_hook
+    del base._modules["delora"]
+
+
+# --- the batched refresh ----------------------------------------------------------------------------------------
 @dataclass
 class _Group:
-    adapters: list[DeLoRAAdapter]
+    members: list[DeLoRALayer]
     rank: int
     frozen_versions: tuple  # versions / storages of the members' frozen tensors when stacked
     w: torch.Tensor  # (L, in), stacked once: the norms are frozen
@@ -44,44 +188,44 @@ class _Entry:
     """Per-layer facts the refresh needs every step, looked up once per plan (Module.__getattr__ is slow)."""
 
     base: nn.Module
-    container: DeLoRAAdapters
-    adapter: DeLoRAAdapter
+    container: DeLoRAContainer
+    layer: DeLoRALayer
     key: tuple
 
 
 @dataclass
-class _Plan:
+class _RefreshPlan:
     version: int
     entries: list[_Entry]
     groups: dict[tuple, _Group] = field(default_factory=dict)
 
 
-def _layers_under(root: nn.Module) -> list[tuple[nn.Module, DeLoRAAdapter]]:
-    """(frozen layer, adapter) pairs under `root`."""
+def _layers_under(root: nn.Module) -> list[tuple[nn.Module, DeLoRALayer]]:
+    """(frozen layer, DeLoRA layer) pairs under `root`."""
     return [
         (m, a)
         for m in root.modules()
-        if isinstance(m._modules.get("delora"), DeLoRAAdapters)
+        if isinstance(m._modules.get("delora"), DeLoRAContainer)
         for a in m.delora.values()
     ]
 
 
-def _group_key(adapter: DeLoRAAdapter) -> tuple:
+def _group_key(layer: DeLoRALayer) -> tuple:
     """The static part of a layer's group: shapes, rank and init (dtype and device are read every step)."""
-    A, B = adapter.delora_A, adapter.delora_B
-    return (A.shape[1], B.shape[0], adapter.rank, adapter.init)
+    A, B = layer.delora_A, layer.delora_B
+    return (A.shape[1], B.shape[0], layer.rank, layer.init)
 
 
-def _plan_for(root: nn.Module) -> _Plan:
+def _plan_for(root: nn.Module) -> _RefreshPlan:
     plan = root.__dict__.get("_delora_plan")
     if plan is None or plan.version != _structure_version:
         entries = [_Entry(m, m._modules["delora"], a, _group_key(a)) for m, a in _layers_under(root)]
-        plan = _Plan(_structure_version, entries)
+        plan = _RefreshPlan(_structure_version, entries)
         root.__dict__["_delora_plan"] = plan
     return plan
 
 
-def _frozen_versions(members: list[DeLoRAAdapter]) -> tuple:
+def _frozen_versions(members: list[DeLoRALayer]) -> tuple:
     """Changes when a frozen tensor is replaced or written in place (e.g. by ``load_state_dict``)."""
     return tuple(
         (t._version, t.data_ptr())
@@ -91,11 +235,11 @@ def _frozen_versions(members: list[DeLoRAAdapter]) -> tuple:
     )
 
 
-def _group(plan: _Plan, key: tuple, members: list[DeLoRAAdapter]) -> _Group:
+def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group:
     """Stacked, pre-folded frozen tensors for this exact member list (rebuilt when any of them changes)."""
     group = plan.groups.get(key)
     versions = _frozen_versions(members)
-    if group is None or group.adapters != members or group.frozen_versions != versions:
+    if group is None or group.members != members or group.frozen_versions != versions:
         with torch.no_grad():
             w = torch.stack([a.delora_w_norm for a in members])
             frozen = None
@@ -108,14 +252,14 @@ def _group(plan: _Plan, key: tuple, members: list[DeLoRAAdapter]) -> _Group:
     return group
 
 
-def _is_materialized(adapter: DeLoRAAdapter) -> bool:
+def _is_materialized(layer: DeLoRALayer) -> bool:
     """Sharded parameters are skipped here; those layers fold their own factors in their forward, unsharded.
 
     FSDP2 shards into DTensors (whose shape is the full one), FSDP1 into flat 1-D views, ZeRO-3 into empty
     tensors; only a plain tensor of the full (rank, in) shape can be stacked.
     """
-    A = adapter._parameters["delora_A"]
-    full = (adapter.rank, adapter._buffers["delora_w_norm"].numel())
+    A = layer._parameters["delora_A"]
+    full = (layer.rank, layer._buffers["delora_w_norm"].numel())
     return A.shape == full and A.numel() > 0 and not _is_dtensor(A)
 
 
@@ -130,7 +274,7 @@ class _FoldGroup(torch.autograd.Function):
 
     Autograd over the stacked ops would keep the stacked copies of A and B and every intermediate (norms,
     scales); here backward re-stacks the parameters (which exist anyway) and applies the closed-form
-    gradients of ``A' = A diag(w)`` and ``B' = B diag(lam * mult * u)``, ``u = 1 / (r |a| |b|)`` (norms
+    gradients of ``A' = A diag(w)`` and ``B' = B diag(lam * scale * u)``, ``u = 1 / (r |a| |b|)`` (norms
     clamped at :data:`functional.NORM_EPS`), plus lambda's share of the frozen columns. Same math as
     :func:`functional.fold_factors`; just fewer, larger ops and no saved intermediates.
     """
@@ -139,35 +283,35 @@ class _FoldGroup(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx,
         group: _Group,
-        mult: float | torch.Tensor,
+        scale: float | torch.Tensor,
         n: int,
         *params: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
-        ctx.group, ctx.mult, ctx.n = group, mult, n
+        ctx.group, ctx.scale, ctx.n = group, scale, n
         ctx.save_for_backward(*params)
-        return functional.fold_factors_frozen(A, B, lam, group.w, group.rank, mult, group.frozen)
+        return functional.fold_factors(A, B, lam, group.w, group.rank, scale, group.frozen)
 
     @staticmethod
     def backward(ctx, grad_A_f: torch.Tensor, grad_B_f: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        group, mult, n = ctx.group, ctx.mult, ctx.n
+        group, scale, n = ctx.group, ctx.scale, ctx.n
         params = ctx.saved_tensors
         A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
         r = group.rank
         a_raw, b_raw = A.norm(dim=-1), B.norm(dim=-2)  # (L, r)
         a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
-        unit = mult / (r * a_norm * b_norm)  # d scale / d lam
-        scales = lam * unit
+        unit = scale / (r * a_norm * b_norm)  # d scale / d lam
+        rank_scales = lam * unit
         g_B_f = grad_B_f[..., :r]
         grad_A = grad_A_f[..., :r, :] * group.w.unsqueeze(-2)
-        grad_B = g_B_f * scales.unsqueeze(-2)
+        grad_B = g_B_f * rank_scales.unsqueeze(-2)
         grad_scales = (g_B_f * B).sum(dim=-2)  # (L, r)
         grad_lam = (grad_scales * unit).sum(dim=-1, keepdim=True)
         if group.frozen is not None:
-            grad_lam = grad_lam + (grad_B_f[..., r:] * group.frozen[1]).sum(dim=(-2, -1)).unsqueeze(-1) * mult
-        # scales = lam * mult / (r |a| |b|): d/d|a| = -scales / |a|, through the clamp (mask |a| >= eps)
+            grad_lam = grad_lam + (grad_B_f[..., r:] * group.frozen[1]).sum(dim=(-2, -1)).unsqueeze(-1) * scale
+        # rank_scales = lam * scale / (r |a| |b|): d/d|a| = -rank_scales / |a|, through the clamp (mask |a| >= eps)
         # and the norm (d|a|/da = a / |a|).
-        g_norm = grad_scales * scales
+        g_norm = grad_scales * rank_scales
         g_a = torch.where(a_raw >= functional.NORM_EPS, -g_norm / (a_norm * a_raw.clamp_min(1e-30)), 0.0)
         g_b = torch.where(b_raw >= functional.NORM_EPS, -g_norm / (b_norm * b_raw.clamp_min(1e-30)), 0.0)
         grad_A = grad_A + g_a.unsqueeze(-1) * A
@@ -180,30 +324,31 @@ def refresh_factors(root: nn.Module) -> None:
     """Fold the factors of every stale adapter under `root`, batched per group."""
     plan = _plan_for(root)
     training = torch.is_grad_enabled()
-    stale: dict[tuple, list[DeLoRAAdapter]] = {}
+    stale: dict[tuple, list[DeLoRALayer]] = {}
     for entry in plan.entries:
-        adapter = entry.adapter
-        if entry.container.disabled or not adapter.contributes() or not _is_materialized(adapter):
+        layer = entry.layer
+        if entry.container.disabled or not layer.contributes() or not _is_materialized(layer):
             continue
         dtype = compute_dtype(entry.base)
-        A = adapter._parameters["delora_A"]
-        if training and A.requires_grad or not adapter.cache_is_fresh(dtype):
-            stale.setdefault(entry.key + (A.dtype, A.device, dtype), []).append(adapter)
+        A = layer._parameters["delora_A"]
+        if training and A.requires_grad or not _cache_is_fresh(layer, dtype):
+            stale.setdefault(entry.key + (A.dtype, A.device, dtype), []).append(layer)
     for key, members in stale.items():
         group = _group(plan, key, members)
         params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
-        mults = [a.multiplier for a in members]
-        if len(set(mults)) == 1:
-            mult: float | torch.Tensor = mults[0]
+        scales = [a.effective_scale for a in members]
+        if len(set(scales)) == 1:
+            scale: float | torch.Tensor = scales[0]
         else:
-            mult = torch.tensor(mults, dtype=params[0].dtype, device=params[0].device).unsqueeze(-1)
-        A_f, B_f = _FoldGroup.apply(group, mult, len(members), *params)
+            scale = torch.tensor(scales, dtype=params[0].dtype, device=params[0].device).unsqueeze(-1)
+        A_f, B_f = _FoldGroup.apply(group, scale, len(members), *params)
         dtype = key[-1]
         A_f, B_f = A_f.to(dtype), B_f.to(dtype)
-        for adapter, a_f, b_f in zip(members, A_f.unbind(0), B_f.unbind(0), strict=True):
-            adapter.set_cache(a_f, b_f, adapter.stamp(dtype))
+        for layer, a_f, b_f in zip(members, A_f.unbind(0), B_f.unbind(0), strict=True):
+            _set_cache(layer, a_f, b_f, _stamp(layer, dtype))
 
 
 def refresh_pre_hook(root: nn.Module, args: tuple) -> None:
-    if ENABLED:
+    """Before the model's forward: the batched refresh (skipped under torch.compile, see the module doc)."""
+    if _options.batched and not torch.compiler.is_compiling():
         refresh_factors(root)

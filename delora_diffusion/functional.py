@@ -8,7 +8,8 @@ With the `paper` init a frozen pair (A0, B0) is subtracted, so dW = 0 at step 0:
 
     dW = (lam / r) * (B Xi A - B0 Xi0 A0) @ diag(w)
 
-The fast path never forms dW: it folds the scaling into the factors,
+The fast path never forms dW: it folds the scaling into the factors (:func:`fold_factors`, the one fold used
+by the per-layer path, the batched fast path, merging and export),
 ``A' = A diag(w)`` and ``B' = B diag(lam / (r |a| |b|))``, so ``x -> x A'^T B'^T``
 costs exactly LoRA's two skinny matmuls.
 """
@@ -27,15 +28,27 @@ def column_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 def rank_one_scales(
-    A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor, rank: int, multiplier: float | torch.Tensor = 1.0
+    A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor, rank: int, scale: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
-    """lam * multiplier / (r |a_i| |b_i|) for each rank-1 term; batched over any leading dims.
+    """lam * scale / (r |a_i| |b_i|) for each rank-1 term; batched over any leading dims.
 
-    A is (..., r, in) and B is (..., out, r); lam broadcasts against (..., r) (shape (..., 1)).
+    A is (..., r, in) and B is (..., out, r); lam broadcasts against (..., r) (shape (..., 1)). `scale` is
+    the run-time multiplier of lambda (the slider times the adapter weight).
     """
     a_norm = A.norm(dim=-1).clamp_min(NORM_EPS)
     b_norm = B.norm(dim=-2).clamp_min(NORM_EPS)
-    return lam * multiplier / (rank * a_norm * b_norm)
+    return lam * scale / (rank * a_norm * b_norm)
+
+
+def frozen_pair_factors(
+    A0: torch.Tensor, B0: torch.Tensor, w: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper init's frozen term folded once, up to lam: ``(A0 diag(w), -B0 diag(1 / (r |a0| |b0|)))``.
+
+    A0, B0 and w never change, so only ``lam * scale`` is left to apply per step (see :func:`fold_factors`).
+    """
+    unit = rank_one_scales(A0, B0, torch.ones((), dtype=A0.dtype, device=A0.device), rank)
+    return A0 * w.unsqueeze(-2), -B0 * unit.unsqueeze(-2)
 
 
 def fold_factors(
@@ -44,59 +57,26 @@ def fold_factors(
     lam: torch.Tensor,
     w: torch.Tensor,
     rank: int,
-    multiplier: float | torch.Tensor = 1.0,
-    A0: torch.Tensor | None = None,
-    B0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (A', B') with dW = B' @ A'; batched over leading dims.
-
-    With a frozen pair (A0, B0) the ranks are stacked: A' is (..., 2r, in) and B' is (..., out, 2r).
-    """
-    scales = rank_one_scales(A, B, lam, rank, multiplier)
-    A_folded = A * w.unsqueeze(-2)
-    B_folded = B * scales.unsqueeze(-2)
-    if A0 is None:
-        return A_folded, B_folded
-    scales0 = rank_one_scales(A0, B0, lam, rank, multiplier)
-    A_folded = torch.cat([A_folded, A0 * w.unsqueeze(-2)], dim=-2)
-    B_folded = torch.cat([B_folded, -B0 * scales0.unsqueeze(-2)], dim=-1)
-    return A_folded, B_folded
-
-
-def frozen_pair_factors(
-    A0: torch.Tensor, B0: torch.Tensor, w: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper init's frozen term folded once, up to lam: ``(A0 diag(w), -B0 diag(1 / (r |a0| |b0|)))``.
-
-    A0, B0 and w never change, so only the factor ``lam * multiplier`` is left to apply per step; this
-    saves two norms and the elementwise ops over the frozen pair in every training step. Batched like
-    :func:`fold_factors`.
-    """
-    unit = rank_one_scales(A0, B0, torch.ones((), dtype=A0.dtype, device=A0.device), rank)
-    return A0 * w.unsqueeze(-2), -B0 * unit.unsqueeze(-2)
-
-
-def fold_factors_frozen(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    lam: torch.Tensor,
-    w: torch.Tensor,
-    rank: int,
-    multiplier: float | torch.Tensor = 1.0,
+    scale: float | torch.Tensor = 1.0,
     frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fold_factors` with the frozen pair given pre-folded by :func:`frozen_pair_factors`.
+    """Return (A', B') with dW = B' @ A'; batched over leading dims. The one fold every path uses.
 
-    Same result (up to rounding order): the frozen columns of B' are ``-B0 / (r |a0| |b0|) * lam * mult``.
+    `frozen` is the paper init's pair pre-folded by :func:`frozen_pair_factors`; its ranks are stacked after
+    the trainable ones, so A' is (..., 2r, in) and B' is (..., out, 2r), and lam scales the frozen term too.
     """
-    scales = rank_one_scales(A, B, lam, rank, multiplier)
+    scales = rank_one_scales(A, B, lam, rank, scale)
     A_folded = A * w.unsqueeze(-2)
     B_folded = B * scales.unsqueeze(-2)
     if frozen is None:
         return A_folded, B_folded
     A0_folded, B0_unit = frozen
-    strength = (lam * multiplier).unsqueeze(-1)  # (..., 1, 1): lam scales the frozen term too
+    strength = (lam * scale).unsqueeze(-1)  # (..., 1, 1)
     return torch.cat([A_folded, A0_folded], dim=-2), torch.cat([B_folded, B0_unit * strength], dim=-1)
+
+
+def _frozen(A0: torch.Tensor | None, B0: torch.Tensor | None, w: torch.Tensor, rank: int):
+    return None if A0 is None else frozen_pair_factors(A0, B0, w, rank)
 
 
 def delta_weight(
@@ -105,12 +85,12 @@ def delta_weight(
     lam: torch.Tensor,
     w: torch.Tensor,
     rank: int,
-    multiplier: float | torch.Tensor = 1.0,
+    scale: float | torch.Tensor = 1.0,
     A0: torch.Tensor | None = None,
     B0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dW as a dense out x in matrix (for merging, export and the bound checks)."""
-    A_folded, B_folded = fold_factors(A, B, lam, w, rank, multiplier, A0, B0)
+    A_folded, B_folded = fold_factors(A, B, lam, w, rank, scale, _frozen(A0, B0, w, rank))
     return B_folded @ A_folded
 
 
@@ -127,7 +107,7 @@ def lora_factors(
     lam: torch.Tensor,
     w: torch.Tensor,
     rank: int,
-    multiplier: float | torch.Tensor = 1.0,
+    scale: float | torch.Tensor = 1.0,
     A0: torch.Tensor | None = None,
     B0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +115,24 @@ def lora_factors(
 
     Use them with alpha == rank of the returned factors (LoRA scale 1).
     """
-    A_folded, B_folded = fold_factors(
-        A.float(),
-        B.float(),
-        lam.float(),
-        w.float(),
-        rank,
-        multiplier,
-        None if A0 is None else A0.float(),
-        None if B0 is None else B0.float(),
-    )
+    A, B, lam, w = A.float(), B.float(), lam.float(), w.float()
+    frozen = None if A0 is None else frozen_pair_factors(A0.float(), B0.float(), w, rank)
+    A_folded, B_folded = fold_factors(A, B, lam, w, rank, scale, frozen)
     return A_folded.contiguous(), B_folded.contiguous()
+
+
+def norm_stats(delta: torch.Tensor, lam: torch.Tensor | float, w: torch.Tensor, paper_init: bool) -> dict:
+    """The one norm report of a layer: |dW|_F, the guaranteed bound, and both relative to |W|_F.
+
+    |W|_F is the norm of the column norms w, so no base weight is needed (a file or a sharded layer will do).
+    `lam` is the effective lambda (trained lambda times the run-time scale).
+    """
+    weight_norm = max(w.float().norm().item(), 1e-12)
+    delta_norm = delta.float().norm().item()
+    bound = norm_bound(lam, w, paper_init).item()
+    return {
+        "delta_norm": delta_norm,
+        "bound": bound,
+        "relative_delta": delta_norm / weight_norm,
+        "relative_bound": bound / weight_norm,
+    }

@@ -174,7 +174,7 @@ def save_delora_file(
             layer = canonical_layer_name(layer_name)
             if base.weight.ndim > 2:
                 conv_shapes.setdefault(component, {})[layer] = list(base.weight.shape)
-            for key, tensor in list(adapter.named_parameters()) + list(adapter.named_buffers()):
+            for key, tensor in adapter.file_tensors().items():
                 tensors[f"{component}.{layer}.{key}"] = tensor.detach().cpu().contiguous().clone()
         if not found:
             continue

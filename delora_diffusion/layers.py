@@ -1,19 +1,19 @@
 """DeLoRA adapters attached to a frozen nn.Linear / nn.Conv2d.
 
 The frozen layer stays where it is, with its own class and parameter names, so diffusers, PEFT (diffusers'
-own LoRA) and savers keep seeing a plain layer. A child ``delora`` (:class:`DeLoRAAdapters`, one entry per
-named adapter) holds the adapter parameters, and a forward hook adds their update to the layer's output:
+own LoRA) and savers keep seeing a plain layer. A child ``delora`` (:class:`DeLoRAContainer`, one
+:class:`DeLoRALayer` per named adapter) holds the adapter parameters, and a forward hook
+(:func:`delora_diffusion.fastpath.delora_forward_hook`) adds their update to the layer's output:
 
     y = layer(x) + sum over active adapters of  x @ A'^T @ B'^T
 
-``A'`` and ``B'`` are the folded factors (see :mod:`delora_diffusion.functional`). They are cached per adapter;
-:mod:`delora_diffusion.fastpath` fills the caches for a whole model in a few batched ops before each forward.
+``A'`` and ``B'`` are the folded factors (:func:`delora_diffusion.functional.fold_factors`). Where they are
+cached, and when a cache goes stale, is :mod:`delora_diffusion.fastpath`'s business alone.
 """
 
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,14 @@ from . import functional
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 
 
-class DeLoRAAdapter(nn.Module):
-    """One named adapter on one layer: trainable A (r x in), B (out x r), lambda; frozen w (and A0, B0)."""
+class DeLoRALayer(nn.Module):
+    """One named adapter on one frozen layer: trainable A (r x in), B (out x r), lambda; frozen w (A0, B0).
+
+    Run-time state, not saved: ``scale`` (the lambda slider, :func:`set_delora_scale`), ``adapter_weight``
+    (diffusers' ``set_adapters`` weight), ``active`` and ``merged``. Their product ``effective_scale`` also
+    lives in the non-persistent buffer ``scale_tensor``, so a compiled model reads it as data and a scale
+    change never recompiles.
+    """
 
     def __init__(
         self,
@@ -54,112 +60,98 @@ class DeLoRAAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.delora_B, a=math.sqrt(5))
             self.register_buffer("delora_A0", self.delora_A.detach().clone())
             self.register_buffer("delora_B0", self.delora_B.detach().clone())
-        # Run-time state, not saved: the lambda scale (slider), the adapter weight (set_adapters), on/off.
-        self.lambda_scale = 1.0
-        self.adapter_weight = 1.0
+        self.register_buffer("scale_tensor", torch.ones((), device=weight.device), persistent=False)
+        self._scale = 1.0
+        self._adapter_weight = 1.0
         self.active = True
         self.merged = False
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._cache_stamp: tuple | None = None
 
     def __getstate__(self) -> dict:
-        """Copies and pickles leave the factor cache behind (it may hold a training graph)."""
+        """Copies and pickles leave fastpath's factor cache behind (it may hold a training graph)."""
         state = self.__dict__.copy()
-        state["_cache"] = state["_cache_stamp"] = None
+        state.pop("_cache", None)
+        state.pop("_cache_stamp", None)
         return state
 
+    # --- run-time scale -----------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = float(value)
+        self._sync_scale_tensor()
+
+    @property
+    def adapter_weight(self) -> float:
+        return self._adapter_weight
+
+    @adapter_weight.setter
+    def adapter_weight(self, value: float) -> None:
+        self._adapter_weight = float(value)
+        self._sync_scale_tensor()
+
+    @property
+    def effective_scale(self) -> float:
+        """What lambda is multiplied by at run time: the slider's scale times the adapter weight."""
+        return self._scale * self._adapter_weight
+
+    def _sync_scale_tensor(self) -> None:
+        with torch.no_grad():
+            self.scale_tensor.fill_(self.effective_scale)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``model.to(bf16)`` casts buffers; the scale stays fp32 so compiled and eager scale alike."""
+        super()._apply(fn, recurse)
+        if self.scale_tensor.dtype != torch.float32:
+            self._buffers["scale_tensor"] = self.scale_tensor.float()
+            self._sync_scale_tensor()
+        return self
+
+    # --- tensors ------------------------------------------------------------------------------------------
     @property
     def frozen_pair(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return getattr(self, "delora_A0", None), getattr(self, "delora_B0", None)
+        return self._buffers.get("delora_A0"), self._buffers.get("delora_B0")
 
-    @property
-    def multiplier(self) -> float:
-        return self.lambda_scale * self.adapter_weight
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file stores for this layer (parameters and persistent buffers)."""
+        return dict(self.state_dict(keep_vars=True))
 
-    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
-        """dW (out x in, fp32) at the current lambda times `multiplier` (default: scale * weight)."""
+    def delta_weight(self, scale: float | None = None) -> torch.Tensor:
+        """dW (out x in, fp32) at the current lambda times `scale` (default: the effective scale)."""
         A0, B0 = self.frozen_pair
-        mult = self.multiplier if multiplier is None else multiplier
         return functional.delta_weight(
             self.delora_A.float(),
             self.delora_B.float(),
             self.delora_lambda.float(),
             self.delora_w_norm.float(),
             self.rank,
-            mult,
+            self.effective_scale if scale is None else scale,
             None if A0 is None else A0.float(),
             None if B0 is None else B0.float(),
         )
 
-    # --- factor cache -------------------------------------------------------------------------------------
-    def stamp(self, dtype: torch.dtype) -> tuple:
-        """Everything the folded factors depend on; in-place optimizer steps bump the parameter versions.
-
-        The frozen buffers enter through their summed versions (counters only grow, so any in-place write,
-        e.g. ``load_state_dict``, changes the sum) and w's storage. Reads go through ``_parameters`` /
-        ``_buffers`` directly: this runs for every layer on every forward.
-        """
-        params, buffers = self._parameters, self._buffers
-        A, B, lam, w = (
-            params["delora_A"],
-            params["delora_B"],
-            params["delora_lambda"],
-            buffers["delora_w_norm"],
-        )
-        frozen = sum(t._version for t in buffers.values() if t is not None)
-        return (
-            A._version,
-            B._version,
-            lam._version,
-            A.data_ptr(),
-            B.data_ptr(),
-            w.data_ptr(),
-            frozen,
-            self.multiplier,
-            dtype,
-        )
-
-    def set_cache(self, A_folded: torch.Tensor, B_folded: torch.Tensor, stamp: tuple) -> None:
-        # Plain attributes: written straight into __dict__, skipping nn.Module.__setattr__'s checks.
-        self.__dict__["_cache"] = (A_folded, B_folded)
-        self.__dict__["_cache_stamp"] = stamp
-
-    def cache_is_fresh(self, dtype: torch.dtype) -> bool:
-        return self._cache is not None and self._cache_stamp == self.stamp(dtype)
-
-    def compute_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-layer fold (used when the batched refresh did not run, e.g. sharded or called directly)."""
+    def compute_factors(
+        self, dtype: torch.dtype, scale: float | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's folded (A', B') in `dtype`, through autograd (the per-layer path)."""
         A0, B0 = self.frozen_pair
+        w = self.delora_w_norm
+        frozen = None if A0 is None else functional.frozen_pair_factors(A0, B0, w, self.rank)
         A_f, B_f = functional.fold_factors(
             self.delora_A,
             self.delora_B,
             self.delora_lambda,
-            self.delora_w_norm,
+            w,
             self.rank,
-            self.multiplier,
-            A0,
-            B0,
+            self.effective_scale if scale is None else scale,
+            frozen,
         )
         return A_f.to(dtype), B_f.to(dtype)
 
-    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Folded (A', B') in `dtype`: the cached pair when still valid, else computed here.
-
-        When training, a pair computed here is not cached: the next forward may follow a backward that freed
-        its graph. The model-level refresh (fastpath) owns caching while gradients flow.
-        """
-        if self.cache_is_fresh(dtype):
-            return self._cache  # type: ignore[return-value]
-        factors = self.compute_factors(dtype)
-        if not (torch.is_grad_enabled() and self.delora_A.requires_grad):
-            self.set_cache(*factors, self.stamp(dtype))
-        return factors
-
-    def clear_cache(self) -> None:
-        self.__dict__["_cache"] = self.__dict__["_cache_stamp"] = None
-
     def contributes(self) -> bool:
-        return self.active and not self.merged and self.multiplier != 0.0
+        return self.active and not self.merged and self.effective_scale != 0.0
 
     def extra_repr(self) -> str:
         return (
@@ -167,12 +159,17 @@ class DeLoRAAdapter(nn.Module):
         )
 
 
-class DeLoRAAdapters(nn.ModuleDict):
-    """The named adapters of one layer; ``disabled`` switches all of them off at once."""
+class DeLoRAContainer(nn.ModuleDict):
+    """The ``delora`` child of an adapted layer: its :class:`DeLoRALayer` per adapter name.
+
+    ``disabled`` switches all of them off at once. ``pristine_weight`` keeps the frozen weight exactly as it
+    was while any adapter is merged into it, so unmerging restores it bit for bit (see :func:`merge_adapter`).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.disabled = False
+        self.pristine_weight: torch.Tensor | None = None
 
 
 def compute_dtype(base: nn.Module) -> torch.dtype:
@@ -182,10 +179,6 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
-
-
-RECOMPUTE_HIDDEN = True
-"""Linear layers: recompute the T x r hidden in backward instead of keeping it (see :class:`_LowRankLinear`)."""
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -217,14 +210,20 @@ class _LowRankLinear(torch.autograd.Function):
         return grad_x, grad_A, grad_B
 
 
-def apply_update(base: nn.Module, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor) -> torch.Tensor:
-    """x -> x A'^T B'^T, LoRA's two skinny matmuls (two convs for a Conv2d: kxk into rank, then 1x1 out)."""
+def apply_update(
+    base: nn.Module, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, recompute_hidden: bool = True
+) -> torch.Tensor:
+    """x -> x A'^T B'^T, LoRA's two skinny matmuls (two convs for a Conv2d: kxk into rank, then 1x1 out).
+
+    `recompute_hidden` (Linear, training, no autocast): keep no T x r hidden for backward, see
+    :class:`_LowRankLinear`.
+    """
     if isinstance(base, nn.Conv2d):
         down = A_f.reshape(A_f.shape[0], *base.weight.shape[1:])
         hidden = base._conv_forward(x, down, None)
         return F.conv2d(hidden, B_f[:, :, None, None])
     if (
-        RECOMPUTE_HIDDEN
+        recompute_hidden
         and torch.is_grad_enabled()
         and x.dtype == A_f.dtype
         and not torch.is_autocast_enabled(x.device.type)
@@ -233,59 +232,49 @@ def apply_update(base: nn.Module, x: torch.Tensor, A_f: torch.Tensor, B_f: torch
     return F.linear(F.linear(x, A_f), B_f)
 
 
-def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    adapters: DeLoRAAdapters = base._modules["delora"]
-    if adapters.disabled:
-        return output
-    x = args[0]
-    dtype = None
-    for adapter in adapters._modules.values():
-        if not adapter.contributes():
-            continue
-        if adapter.training and adapter.module_dropout > 0 and random.random() < adapter.module_dropout:
-            continue
-        dtype = dtype or compute_dtype(base)
-        A_f, B_f = adapter.factors(dtype)
-        output = output + apply_update(base, x, A_f, B_f).to(output.dtype)
-    return output
+# --- merging: the frozen weight is always rebuilt from its pristine copy ------------------------------------
+def _rebuild_weight(base: nn.Module) -> None:
+    """weight = pristine + sum of the merged adapters' dW, or exactly pristine when none is merged.
+
+    Rebuilding from the pristine copy (instead of adding and subtracting dW in place) is what makes any
+    number of merges, unmerges and scale changes of a merged model give the very same weights as one fresh
+    merge, in every dtype. The cost is one copy of each merged layer's weight while it is merged.
+    """
+    container: DeLoRAContainer = base._modules["delora"]
+    merged = [a for a in container.values() if a.merged]
+    weight = base.weight
+    with torch.no_grad():
+        if not merged:
+            if container.pristine_weight is not None:
+                weight.copy_(container.pristine_weight)
+                container.pristine_weight = None
+            return
+        pristine = container.pristine_weight if container.pristine_weight is not None else weight.detach()
+        total = pristine.float().clone()
+        for adapter in merged:
+            total += adapter.delta_weight().reshape(weight.shape)
+        if not torch.isfinite(total).all():
+            raise ValueError("Merging this DeLoRA adapter produces non-finite weights; the adapter is broken.")
+        if container.pristine_weight is None:
+            container.pristine_weight = weight.detach().clone()
+        weight.copy_(total.to(weight.dtype))
 
 
-def attach(base: nn.Module) -> DeLoRAAdapters:
-    """Give `base` its adapter container and the forward hook (once)."""
-    adapters = base._modules.get("delora")
-    if adapters is None:
-        adapters = DeLoRAAdapters()
-        base.add_module("delora", adapters)
-        base._delora_hook = base.register_forward_hook(delora_forward_hook)
-    return adapters
-
-
-def detach(base: nn.Module) -> None:
-    """Remove the container and hook from `base` (after its last adapter is gone)."""
-    base._delora_hook.remove()
-    del base._delora_hook
-    del base._modules["delora"]
-
-
-def merge_adapter(base: nn.Module, adapter: DeLoRAAdapter) -> None:
+def merge_adapter(base: nn.Module, adapter: DeLoRALayer) -> None:
     """Add dW into the frozen weight (in its dtype); the hook then skips this adapter."""
     if adapter.merged:
         return
-    with torch.no_grad():
-        delta = adapter.delta_weight().reshape(base.weight.shape)
-        merged = base.weight.float() + delta
-        if not torch.isfinite(merged).all():
-            raise ValueError(
-                "Merging this DeLoRA adapter produces non-finite weights; the adapter is broken."
-            )
-        base.weight.copy_(merged.to(base.weight.dtype))
     adapter.merged = True
+    try:
+        _rebuild_weight(base)
+    except BaseException:
+        adapter.merged = False
+        raise
 
 
-def unmerge_adapter(base: nn.Module, adapter: DeLoRAAdapter) -> None:
+def unmerge_adapter(base: nn.Module, adapter: DeLoRALayer) -> None:
+    """Take dW back out: the weight is rebuilt from its pristine copy, bit for bit."""
     if not adapter.merged:
         return
-    with torch.no_grad():
-        delta = adapter.delta_weight().reshape(base.weight.shape)
-        base.weight.copy_((base.weight.float() - delta).to(base.weight.dtype))
     adapter.merged = False
+    _rebuild_weight(base)

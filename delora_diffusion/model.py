@@ -3,35 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import fastpath
+from . import fastpath, functional
 from .config import DeLoRAConfig
-from .layers import (
-    DeLoRAAdapter,
-    DeLoRAAdapters,
-    attach,
-    detach,
-    merge_adapter,
-    unmerge_adapter,
-)
+from .fastpath import attach, detach
+from .layers import DeLoRAContainer, DeLoRALayer, merge_adapter, unmerge_adapter
 from .targets import find_targets
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .util import DTYPES, check_adapter_name, finite_number
 
 
 def iter_delora_layers(
     model: nn.Module, adapter_name: str | None = None
-) -> Iterator[tuple[str, nn.Module, str, DeLoRAAdapter]]:
+) -> Iterator[tuple[str, nn.Module, str, DeLoRALayer]]:
     """Yield ``(layer_name, frozen_layer, adapter_name, adapter)`` for every adapter in `model`."""
     for name, module in model.named_modules():
         adapters = module._modules.get("delora")
-        if not isinstance(adapters, DeLoRAAdapters):
+        if not isinstance(adapters, DeLoRAContainer):
             continue
         for key, adapter in adapters.items():
             if adapter_name is None or key == adapter_name:
@@ -48,9 +40,8 @@ def delora_configs(model: nn.Module) -> dict[str, DeLoRAConfig]:
     return model.__dict__.setdefault("_delora_configs", {})
 
 
-def _check_adapter_name(model: nn.Module, adapter_name: Any) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
+def _check_new_adapter_name(model: nn.Module, adapter_name: Any) -> None:
+    check_adapter_name(adapter_name)
     if any(True for _ in iter_delora_layers(model, adapter_name)):
         raise ValueError(
             f"An adapter named {adapter_name!r} is already injected in {type(model).__name__}; "
@@ -74,13 +65,13 @@ def inject_delora(model: nn.Module, config: DeLoRAConfig, adapter_name: str = "d
     """
     if not isinstance(config, DeLoRAConfig):
         raise TypeError(f"inject_delora expects a DeLoRAConfig, got {type(config).__name__}.")
-    _check_adapter_name(model, adapter_name)
+    _check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
-    dtype = _DTYPES[config.dtype]
+    dtype = DTYPES[config.dtype]
     created: list[nn.Module] = []
     try:
         for name, layer in targets:
-            adapter = DeLoRAAdapter(
+            adapter = DeLoRALayer(
                 layer,
                 rank=config.rank_for(name),
                 lambda_init=config.lambda_for(name),
@@ -107,7 +98,7 @@ def inject_delora(model: nn.Module, config: DeLoRAConfig, adapter_name: str = "d
 
 
 def _drop(layer: nn.Module, adapter_name: str) -> None:
-    adapters: DeLoRAAdapters = layer.delora
+    adapters: DeLoRAContainer = layer.delora
     unmerge_adapter(layer, adapters[adapter_name])
     del adapters[adapter_name]
     if len(adapters) == 0:
@@ -152,35 +143,34 @@ def unmerge_delora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_scale(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}.")
-    return float(value)
-
-
-def _update_merged(layer: nn.Module, adapter: DeLoRAAdapter, attr: str, value: float) -> None:
-    """Change a run-time multiplier; a merged adapter is re-merged so the weights follow."""
+def _set_run_scale(
+    layer: nn.Module, adapter: DeLoRALayer, scale: float | None = None, adapter_weight: float | None = None
+) -> None:
+    """Change a run-time scale; a merged adapter is re-merged (from the pristine weight) so the weights follow."""
     was_merged = adapter.merged
     unmerge_adapter(layer, adapter)
-    setattr(adapter, attr, value)
+    if scale is not None:
+        adapter.scale = scale
+    if adapter_weight is not None:
+        adapter.adapter_weight = adapter_weight
     if was_merged:
         merge_adapter(layer, adapter)
 
 
 def set_delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> nn.Module:
     """Multiply lambda by `scale` at run time (0 gives the base model exactly, 1 the trained adapter)."""
-    scale = _check_scale(scale, "The DeLoRA scale")
+    scale = finite_number(scale, "The DeLoRA scale")
     if adapter_name is not None:
         _require_adapter(model, adapter_name)
     for _, layer, _, adapter in iter_delora_layers(model, adapter_name):
-        _update_merged(layer, adapter, "lambda_scale", scale)
+        _set_run_scale(layer, adapter, scale=scale)
     return model
 
 
 def get_delora_scale(model: nn.Module, adapter_name: str | None = None) -> float | None:
-    """The current lambda scale (of the first matching adapter), or None without adapters."""
+    """The current run-time scale of lambda (of the first matching adapter), or None without adapters."""
     for _, _, _, adapter in iter_delora_layers(model, adapter_name):
-        return adapter.lambda_scale
+        return adapter.scale
     return None
 
 
@@ -188,14 +178,14 @@ def get_delora_scale(model: nn.Module, adapter_name: str | None = None) -> float
 def delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> Iterator[nn.Module]:
     """``with delora_scale(unet, 0.5): ...`` and the previous per-adapter scales come back afterwards."""
     previous = {
-        (id(a)): (layer, a, a.lambda_scale) for _, layer, _, a in iter_delora_layers(model, adapter_name)
+        (id(a)): (layer, a, a.scale) for _, layer, _, a in iter_delora_layers(model, adapter_name)
     }
     set_delora_scale(model, scale, adapter_name)
     try:
         yield model
     finally:
         for layer, adapter, old in previous.values():
-            _update_merged(layer, adapter, "lambda_scale", old)
+            _set_run_scale(layer, adapter, scale=old)
 
 
 def adapter_weights(
@@ -221,10 +211,10 @@ def set_delora_adapters(
     names, weights = adapter_weights(adapter_names, weights)
     for name in names:
         _require_adapter(model, name)
-    chosen = {n: _check_scale(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)}
+    chosen = {n: finite_number(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)}
     for _, layer, key, adapter in iter_delora_layers(model):
         if key in chosen:
-            _update_merged(layer, adapter, "adapter_weight", chosen[key])
+            _set_run_scale(layer, adapter, adapter_weight=chosen[key])
         adapter.active = key in chosen
     return model
 
@@ -266,36 +256,21 @@ def delora_parameters(
     return [g for g in groups if g["params"]]
 
 
-def delora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors keyed ``<layer>.<tensor name>`` (no adapter name), e.g. ``...to_q.delora_A``."""
-    state: dict[str, torch.Tensor] = {}
-    for layer_name, _, _, adapter in iter_delora_layers(model, adapter_name):
-        for key, tensor in list(adapter.named_parameters()) + list(adapter.named_buffers()):
-            state[f"{layer_name}.{key}"] = tensor.detach()
-    return state
-
-
 def delora_norm_report(model: nn.Module, adapter_name: str | None = None) -> list[dict[str, Any]]:
     """Per layer: lambda, the guaranteed bound on |dW|_F, and the actual |dW|_F / |W|_F at the current scale."""
-    from . import functional
-
     rows = []
     with torch.no_grad():
-        for layer_name, layer, key, adapter in iter_delora_layers(model, adapter_name):
-            delta = adapter.delta_weight()
-            weight_norm = layer.weight.float().norm().item()
-            lam = adapter.delora_lambda.float() * adapter.multiplier
-            bound = functional.norm_bound(lam, adapter.delora_w_norm, adapter.init == "paper").item()
+        for layer_name, _, key, adapter in iter_delora_layers(model, adapter_name):
+            lam = adapter.delora_lambda.float() * adapter.effective_scale
+            stats = functional.norm_stats(adapter.delta_weight(), lam, adapter.delora_w_norm, adapter.init == "paper")
             rows.append(
                 {
                     "layer": layer_name,
                     "adapter": key,
                     "rank": adapter.rank,
                     "lambda": adapter.delora_lambda.item(),
-                    "delta_norm": delta.norm().item(),
-                    "bound": bound,
-                    "relative_delta": delta.norm().item() / max(weight_norm, 1e-12),
-                    "relative_bound": bound / max(weight_norm, 1e-12),
+                    "scale": adapter.effective_scale,
+                    **stats,
                 }
             )
     return rows

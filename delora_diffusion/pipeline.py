@@ -310,7 +310,7 @@ def _apply(plans: list[_Plan], name: str) -> None:
             with torch.no_grad():
                 for layer_name, _, _, adapter in iter_delora_layers(plan.module, name):
                     named = plan.layers[io.canonical_layer_name(layer_name)]
-                    for key, target in list(adapter.named_parameters()) + list(adapter.named_buffers()):
+                    for key, target in adapter.file_tensors().items():
                         target.copy_(named[key].to(device=target.device, dtype=target.dtype))
             for param, flag in flags[plan.component]:
                 param.requires_grad_(flag)
@@ -376,7 +376,7 @@ def delora_scale(pipe: Any, scale: float, adapter_name: str | None = None) -> It
     """``with pipe.delora_scale(0.5): ...``; the previous per-adapter scales come back afterwards."""
     _require(pipe, adapter_name)
     previous = [
-        (module, key, adapter.lambda_scale)
+        (module, key, adapter.scale)
         for module in _with_adapters(pipe, adapter_name).values()
         for _, _, key, adapter in iter_delora_layers(module, adapter_name)
     ]
@@ -426,7 +426,7 @@ def fuse_delora(
         if scale is not None:
             first_scales = {}
             for _, _, key, adapter in iter_delora_layers(module):
-                first_scales.setdefault(key, adapter.lambda_scale)
+                first_scales.setdefault(key, adapter.scale)
             restore += [(module, key, old) for key, old in first_scales.items()]
             _set_scale(module, scale)
         present = get_delora_adapter_names(module)
@@ -503,7 +503,7 @@ def delora_report(pipe: Any, adapter_name: str | None = None) -> list[dict[str, 
     rows = []
     for component, module in _with_adapters(pipe, adapter_name).items():
         scales = {
-            (io.canonical_layer_name(n), k): a.multiplier
+            (io.canonical_layer_name(n), k): a.effective_scale
             for n, _, k, a in iter_delora_layers(module, adapter_name)
         }
         for row in delora_norm_report(module, adapter_name):

@@ -69,12 +69,9 @@ def test_fast_path_and_per_layer_path_agree_in_values_and_gradients(init):
         dd.inject_delora(model, dd.DeLoRAConfig(rank=2, init=init, lambda_init=1.5, target_modules=ALL))
         perturb(model)
         dd.set_delora_scale(model, 0.7)
-        fastpath.ENABLED = enabled
-        try:
+        with fastpath.fastpath_options(batched=enabled):
             loss = model(x).square().mean()
             loss.backward()
-        finally:
-            fastpath.ENABLED = True
         grads = [p.grad.clone() for g in dd.delora_parameters(model) for p in g["params"]]
         results.append((loss.detach(), grads))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -273,7 +270,7 @@ def test_failure_half_way_through_injection_is_rolled_back(monkeypatch):
     model = tiny_net()
     before = snapshot(model)
     calls = {"n": 0}
-    real_init = dd.layers.DeLoRAAdapter.__init__
+    real_init = dd.layers.DeLoRALayer.__init__
 
     def failing_init(self, *args, **kwargs):
         calls["n"] += 1
@@ -281,7 +278,7 @@ def test_failure_half_way_through_injection_is_rolled_back(monkeypatch):
             raise RuntimeError("out of memory")
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(dd.layers.DeLoRAAdapter, "__init__", failing_init)
+    monkeypatch.setattr(dd.layers.DeLoRALayer, "__init__", failing_init)
     with pytest.raises(RuntimeError, match="out of memory"):
         dd.inject_delora(model, dd.DeLoRAConfig(rank=2, target_modules=ALL))
     assert_unchanged(model, before)

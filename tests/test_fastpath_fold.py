@@ -40,8 +40,7 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
         w,
         r,
         mult,
-        A0 if paper else None,
-        B0 if paper else None,
+        frozen,
     )
     torch.testing.assert_close(A_f, ref_A)
     torch.testing.assert_close(B_f, ref_B)

@@ -145,9 +145,9 @@ def check_prepared(accelerator: Any, model: nn.Module) -> None:
 
 def adapter_containers(model: nn.Module) -> list[nn.Module]:
     """Each adapted layer's ``delora`` module (the adapter parameters and frozen copies, nothing else)."""
-    from ..layers import DeLoRAAdapters
+    from ..layers import DeLoRAContainer
 
-    return [m for m in model.modules() if isinstance(m, DeLoRAAdapters)]
+    return [m for m in model.modules() if isinstance(m, DeLoRAContainer)]
 
 
 def average_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
