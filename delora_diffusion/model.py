@@ -79,6 +79,7 @@ def inject_delora(model: nn.Module, config: DeLoRAConfig, adapter_name: str = "d
                 module_dropout=config.module_dropout,
                 dtype=dtype,
             )
+            adapter.train(layer.training)  # an eval-mode model (a loaded pipeline) never drops modules
             attach(layer)[adapter_name] = adapter
             created.append(layer)
     except BaseException:
