@@ -113,6 +113,8 @@ def layer_factors(layer: DeLoRALayer, dtype: torch.dtype) -> tuple[torch.Tensor,
     """
     if _cache_is_fresh(layer, dtype):
         return layer.__dict__["_cache"]
+    if torch.is_grad_enabled():
+        project_lambdas([layer])
     factors = layer.compute_factors(dtype)
     if not (torch.is_grad_enabled() and layer.delora_A.requires_grad):
         _set_cache(layer, *factors, _stamp(layer, dtype))
@@ -181,6 +183,7 @@ class _Group:
     frozen_versions: tuple  # versions / storages of the members' frozen tensors when stacked
     w: torch.Tensor  # (L, in), stacked once: the norms are frozen
     frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # paper init: (A0 diag(w), -B0 / (r|a0||b0|))
+    lambda_max: torch.Tensor | None = None  # (L, 1): the relative bound's |lambda| limits (inf: none)
 
 
 @dataclass
@@ -247,7 +250,12 @@ def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group
                 A0 = torch.stack([a.delora_A0 for a in members])
                 B0 = torch.stack([a.delora_B0 for a in members])
                 frozen = functional.frozen_pair_factors(A0, B0, w, members[0].rank)
-        group = _Group(members, members[0].rank, versions, w, frozen)
+            limits = [a.lambda_max for a in members]
+            lambda_max = None
+            if any(limit is not None for limit in limits):
+                values = [float("inf") if limit is None else limit for limit in limits]
+                lambda_max = torch.tensor(values, dtype=w.dtype, device=w.device).unsqueeze(-1)
+        group = _Group(members, members[0].rank, versions, w, frozen, lambda_max)
         plan.groups[key] = group
     return group
 
@@ -290,6 +298,8 @@ class _FoldGroup(torch.autograd.Function):
         A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
         ctx.group, ctx.scale, ctx.n = group, scale, n
         ctx.save_for_backward(*params)
+        if group.lambda_max is not None:
+            lam = torch.minimum(torch.maximum(lam, -group.lambda_max), group.lambda_max)
         return functional.fold_factors(A, B, lam, group.w, group.rank, scale, group.frozen)
 
     @staticmethod
@@ -297,6 +307,10 @@ class _FoldGroup(torch.autograd.Function):
         group, scale, n = ctx.group, ctx.scale, ctx.n
         params = ctx.saved_tensors
         A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
+        inside = None
+        if group.lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
+            inside = lam.abs() <= group.lambda_max
+            lam = torch.minimum(torch.maximum(lam, -group.lambda_max), group.lambda_max)
         r = group.rank
         a_raw, b_raw = A.norm(dim=-1), B.norm(dim=-2)  # (L, r)
         a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
@@ -316,14 +330,30 @@ class _FoldGroup(torch.autograd.Function):
         g_b = torch.where(b_raw >= functional.NORM_EPS, -g_norm / (b_norm * b_raw.clamp_min(1e-30)), 0.0)
         grad_A = grad_A + g_a.unsqueeze(-1) * A
         grad_B = grad_B + g_b.unsqueeze(-2) * B
+        if inside is not None:
+            grad_lam = grad_lam * inside
         grads = (*grad_A.unbind(0), *grad_B.unbind(0), *grad_lam.unbind(0))
         return (None, None, None, *grads)
+
+
+def project_lambdas(layers: list[DeLoRALayer]) -> None:
+    """Put every trainable lambda back inside its relative bound, in two batched ops (see
+    :meth:`DeLoRALayer.project_lambda`): the optimizer may have stepped out since the last forward."""
+    bounded = [a for a in layers if a.relative_bound is not None and a.delora_lambda.requires_grad]
+    if bounded:
+        lams = [a._parameters["delora_lambda"] for a in bounded]
+        limits = [a.lambda_max for a in bounded]
+        with torch.no_grad():
+            torch._foreach_clamp_max_(lams, limits)
+            torch._foreach_clamp_min_(lams, [-limit for limit in limits])
 
 
 def refresh_factors(root: nn.Module) -> None:
     """Fold the factors of every stale adapter under `root`, batched per group."""
     plan = _plan_for(root)
     training = torch.is_grad_enabled()
+    if training:
+        project_lambdas([entry.layer for entry in plan.entries])
     stale: dict[tuple, list[DeLoRALayer]] = {}
     for entry in plan.entries:
         layer = entry.layer

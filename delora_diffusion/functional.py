@@ -101,6 +101,18 @@ def norm_bound(lam: torch.Tensor | float, w: torch.Tensor, paper_init: bool) -> 
     return 2 * bound if paper_init else bound
 
 
+def lambda_limit(w: torch.Tensor, relative_bound: float, paper_init: bool) -> float:
+    """The largest |lambda| that keeps |dW|_F <= relative_bound * |W|_F on a layer with column norms w.
+
+    From |dW|_F <= |lambda| max_j w_j (twice that for the paper init's difference of two normalized terms)
+    and |W|_F = |w|: lambda_max = rho |w| / max_j w_j, halved for the paper init. Unlike a raw lambda, rho
+    means the same on a 64-wide and a 3072-wide layer.
+    """
+    w = w.detach().float()
+    limit = relative_bound * w.norm().item() / max(w.max().item(), 1e-12)
+    return limit / 2 if paper_init else limit
+
+
 def lora_factors(
     A: torch.Tensor,
     B: torch.Tensor,

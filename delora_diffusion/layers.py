@@ -37,10 +37,11 @@ class DeLoRALayer(nn.Module):
         self,
         base: nn.Linear | nn.Conv2d,
         rank: int,
-        lambda_init: float,
+        lambda_init: float | None,
         init: str = "paper",
         module_dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        relative_bound: float | None = None,
     ) -> None:
         super().__init__()
         weight = base.weight
@@ -51,8 +52,15 @@ class DeLoRALayer(nn.Module):
         self.module_dropout = module_dropout
         self.delora_A = nn.Parameter(torch.empty(rank, in_features, **kwargs))
         self.delora_B = nn.Parameter(torch.empty(out_features, rank, **kwargs))
-        self.delora_lambda = nn.Parameter(torch.full((1,), float(lambda_init), **kwargs))
         self.register_buffer("delora_w_norm", functional.column_norms(weight).to(dtype))
+        self.relative_bound = relative_bound
+        self._lambda_max_key: tuple | None = None
+        self._lambda_max: float | None = None
+        if lambda_init is None:
+            if relative_bound is None:
+                raise ValueError("DeLoRALayer needs a lambda_init or a relative_bound.")
+            lambda_init = functional.lambda_limit(self.delora_w_norm, relative_bound, init == "paper")
+        self.delora_lambda = nn.Parameter(torch.full((1,), float(lambda_init), **kwargs))
         nn.init.kaiming_uniform_(self.delora_A, a=math.sqrt(5))
         if init == "zero":
             nn.init.zeros_(self.delora_B)
@@ -115,8 +123,42 @@ class DeLoRALayer(nn.Module):
         return self._buffers.get("delora_A0"), self._buffers.get("delora_B0")
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors an adapter file stores for this layer (parameters and persistent buffers)."""
-        return dict(self.state_dict(keep_vars=True))
+        """The tensors an adapter file stores for this layer (parameters and persistent buffers).
+
+        lambda is stored projected onto the relative bound, so a file saved right after an optimizer step
+        (before the next forward's projection) still holds the bound.
+        """
+        tensors = dict(self.state_dict(keep_vars=True))
+        tensors["delora_lambda"] = self.bounded_lambda().detach()
+        return tensors
+
+    # --- the relative bound -------------------------------------------------------------------------------
+    @property
+    def lambda_max(self) -> float | None:
+        """|lambda| limit from the relative bound (None without one); follows w if w is overwritten (a load)."""
+        if self.relative_bound is None:
+            return None
+        w = self._buffers["delora_w_norm"]
+        key = (w._version, w.data_ptr())
+        if key != self._lambda_max_key:
+            self._lambda_max = functional.lambda_limit(w, self.relative_bound, self.init == "paper")
+            self._lambda_max_key = key
+        return self._lambda_max
+
+    def bounded_lambda(self) -> torch.Tensor:
+        """lambda as the update uses it: clamped to +-lambda_max (a no-op once :meth:`project_lambda` ran)."""
+        limit = self.lambda_max
+        lam = self._parameters["delora_lambda"]
+        return lam if limit is None else lam.clamp(-limit, limit)
+
+    def project_lambda(self) -> None:
+        """Put lambda back inside its bound, in place (projected gradient descent: the optimizer may step out,
+        the next forward never sees it, and the gradient keeps flowing because lambda sits on the boundary,
+        not beyond it)."""
+        limit = self.lambda_max
+        if limit is not None:
+            with torch.no_grad():
+                self._parameters["delora_lambda"].clamp_(-limit, limit)
 
     def delta_weight(self, scale: float | None = None) -> torch.Tensor:
         """dW (out x in, fp32) at the current lambda times `scale` (default: the effective scale)."""
@@ -124,7 +166,7 @@ class DeLoRALayer(nn.Module):
         return functional.delta_weight(
             self.delora_A.float(),
             self.delora_B.float(),
-            self.delora_lambda.float(),
+            self.bounded_lambda().float(),
             self.delora_w_norm.float(),
             self.rank,
             self.effective_scale if scale is None else scale,
@@ -142,7 +184,7 @@ class DeLoRALayer(nn.Module):
         A_f, B_f = functional.fold_factors(
             self.delora_A,
             self.delora_B,
-            self.delora_lambda,
+            self.bounded_lambda(),
             w,
             self.rank,
             self.effective_scale if scale is None else scale,
@@ -254,7 +296,9 @@ def _rebuild_weight(base: nn.Module) -> None:
         for adapter in merged:
             total += adapter.delta_weight().reshape(weight.shape)
         if not torch.isfinite(total).all():
-            raise ValueError("Merging this DeLoRA adapter produces non-finite weights; the adapter is broken.")
+            raise ValueError(
+                "Merging this DeLoRA adapter produces non-finite weights; the adapter is broken."
+            )
         if container.pristine_weight is None:
             container.pristine_weight = weight.detach().clone()
         weight.copy_(total.to(weight.dtype))

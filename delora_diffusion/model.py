@@ -78,6 +78,7 @@ def inject_delora(model: nn.Module, config: DeLoRAConfig, adapter_name: str = "d
                 init=config.init,
                 module_dropout=config.module_dropout,
                 dtype=dtype,
+                relative_bound=config.relative_bound_for(name),
             )
             adapter.train(layer.training)  # an eval-mode model (a loaded pipeline) never drops modules
             attach(layer)[adapter_name] = adapter
@@ -178,9 +179,7 @@ def get_delora_scale(model: nn.Module, adapter_name: str | None = None) -> float
 @contextlib.contextmanager
 def delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> Iterator[nn.Module]:
     """``with delora_scale(unet, 0.5): ...`` and the previous per-adapter scales come back afterwards."""
-    previous = {
-        (id(a)): (layer, a, a.scale) for _, layer, _, a in iter_delora_layers(model, adapter_name)
-    }
+    previous = {(id(a)): (layer, a, a.scale) for _, layer, _, a in iter_delora_layers(model, adapter_name)}
     set_delora_scale(model, scale, adapter_name)
     try:
         yield model
@@ -212,7 +211,9 @@ def set_delora_adapters(
     names, weights = adapter_weights(adapter_names, weights)
     for name in names:
         _require_adapter(model, name)
-    chosen = {n: finite_number(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)}
+    chosen = {
+        n: finite_number(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)
+    }
     for _, layer, key, adapter in iter_delora_layers(model):
         if key in chosen:
             _set_run_scale(layer, adapter, adapter_weight=chosen[key])
@@ -262,14 +263,17 @@ def delora_norm_report(model: nn.Module, adapter_name: str | None = None) -> lis
     rows = []
     with torch.no_grad():
         for layer_name, _, key, adapter in iter_delora_layers(model, adapter_name):
-            lam = adapter.delora_lambda.float() * adapter.effective_scale
-            stats = functional.norm_stats(adapter.delta_weight(), lam, adapter.delora_w_norm, adapter.init == "paper")
+            lam = adapter.bounded_lambda().float() * adapter.effective_scale
+            stats = functional.norm_stats(
+                adapter.delta_weight(), lam, adapter.delora_w_norm, adapter.init == "paper"
+            )
             rows.append(
                 {
                     "layer": layer_name,
                     "adapter": key,
                     "rank": adapter.rank,
-                    "lambda": adapter.delora_lambda.item(),
+                    "lambda": adapter.bounded_lambda().item(),
+                    "rho": adapter.relative_bound,
                     "scale": adapter.effective_scale,
                     **stats,
                 }
