@@ -1,13 +1,68 @@
-"""The README.md model card written next to the trained adapter."""
+"""The README.md model card written next to the trained adapter, ready for the Hub.
+
+Built with huggingface_hub's ``ModelCard`` / ``ModelCardData``, so the YAML header is produced by a YAML
+dumper (prompts with quotes stay valid), ``base_model`` is the model as the user named it (a hub id; a local
+path is described in the text, never put in the metadata), and the ``lora`` / ``template:sd-lora`` tags and
+the widget make the Hub render it like a diffusers LoRA.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+from typing import Any
 
-from .util import atomic_write_text
+from ..util import atomic_write_text
 
-_LOAD = """```python
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+FAMILY_TAGS = {
+    "sd": ["stable-diffusion", "stable-diffusion-diffusers"],
+    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+    "sd3": ["sd3", "sd3-diffusers"],
+    "flux": ["flux", "flux-diffusers"],
+}
+"""Tags the Hub's filters use for each family, as diffusers' DreamBooth scripts write them."""
+
+DEFAULT_LICENSES = {
+    "sd": {"license": "creativeml-openrail-m"},
+    "sdxl": {"license": "openrail++"},
+    "sd3": {"license": "other", "license_name": "stabilityai-ai-community"},
+    "flux": {"license": "other", "license_name": "flux-1-dev-non-commercial-license"},
+    "embedded": {"license": "apache-2.0"},
+}
+"""The adapter inherits its base model's license; these are the usual ones (``--license`` overrides)."""
+
+
+def base_model_name(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(how to name the base model in text, the hub id for ``base_model`` or None for local models)."""
+    if getattr(args, "embedded", False):
+        return "the bundled tiny model of delora-diffusion", None
+    name = str(getattr(args, "base_model_as_given", None) or args.pretrained_model_name_or_path)
+    local = Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+    return name, None if local or not HUB_ID.match(name) else name
+
+
+def license_fields(args: argparse.Namespace, family: str | None) -> dict[str, str]:
+    if getattr(args, "license", None):
+        return {"license": args.license}
+    key = "embedded" if getattr(args, "embedded", False) else family
+    return dict(DEFAULT_LICENSES.get(key or "", {"license": "other"}))
+
+
+def _family_of(pipeline_class: str) -> str | None:
+    from .families import detect_family
+    from .util import TrainingConfigError
+
+    try:
+        return detect_family({"_class_name": pipeline_class})
+    except TrainingConfigError:
+        return None
+
+
+def _usage(pipeline: str, base: str, adapter: str, prompt: str, size: str) -> str:
+    return f"""```python
 import delora_diffusion  # adds load_delora_weights & co. to diffusers pipelines
 from diffusers import {pipeline}
 
@@ -15,28 +70,85 @@ pipe = {pipeline}.from_pretrained({base!r})
 pipe.load_delora_weights({adapter!r})
 image = pipe({prompt!r}{size}).images[0]
 pipe.set_delora_scale(0.5)  # DeLoRA's strength knob: 0 is the base model, 1 the trained adapter
+```
+
+Without delora-diffusion, the same adapter as a plain LoRA (`pytorch_lora_weights.safetensors`, exact at
+lambda scale 1; `lora_scale` then scales it linearly like any LoRA):
+
+```python
+from diffusers import {pipeline}
+
+pipe = {pipeline}.from_pretrained({base!r})
+pipe.load_lora_weights({adapter!r})
+image = pipe({prompt!r}{size}).images[0]
 ```"""
 
 
-def write_model_card(
+def card_data(args: argparse.Namespace, family: str | None, widget_images: list[str]) -> Any:
+    """The YAML header: base model, license, tags, the widget (validation prompt -> its images)."""
+    from huggingface_hub import ModelCardData
+
+    _, hub_id = base_model_name(args)
+    tags = [
+        "text-to-image",
+        "diffusers",
+        "diffusers-training",
+        "lora",
+        "delora",
+        "template:sd-lora",
+        "dreambooth",
+    ]
+    tags += FAMILY_TAGS.get(family or "", [])
+    prompt = args.validation_prompt or args.instance_prompt
+    widget = [{"text": prompt, "output": {"url": url}} for url in widget_images]
+    return ModelCardData(
+        base_model=hub_id,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        widget=widget or None,
+        instance_prompt=args.instance_prompt,
+        **license_fields(args, family),
+    )
+
+
+def _validation_section(args: argparse.Namespace, grids: dict[str, Path], prompt: str) -> list[str]:
+    lines = ["## Validation", ""]
+    if "final" in grids:
+        lines += [f"`{prompt}`:", "", f"![validation](validation/{grids['final'].name})", ""]
+    if "lambda_sweep" in grids:
+        lines += [
+            "Lambda sweep: one row per scale (0 = base model, 0.5, 1 = trained, 1.5), same seeds:",
+            "",
+            f"![lambda sweep](validation/{grids['lambda_sweep'].name})",
+            "",
+        ]
+    if "prompts" in grids:
+        listed = "; ".join(f"`{p}`" for p in args.extra_validation_prompts)
+        lines += [f"One row per prompt: {listed}.", "", f"![prompts](validation/{grids['prompts'].name})", ""]
+    return lines
+
+
+def model_card_text(
     args: argparse.Namespace,
     pipeline_class: str,
-    base_model: str,
-    adapter_dir: Path,
     grids: dict[str, Path],
     steps: int,
-) -> Path:
-    """README.md: base model, prompts, DeLoRA and training settings, how to load the adapter, the grids."""
+    family: str | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """The whole README.md (YAML header and body) as a string."""
+    from huggingface_hub import ModelCard
+
+    base_text, hub_id = base_model_name(args)
     prompt = args.validation_prompt or args.instance_prompt
+    adapter = repo_id or str(args.output_dir)
+    base_for_code = "path/to/base-model" if getattr(args, "embedded", False) else (hub_id or base_text)
+    family = family or _family_of(pipeline_class)
     size = f", height={args.resolution}, width={args.resolution}"
+    kohya = bool(getattr(args, "output_kohya_format", False))
+    widget = [p.name for key, p in grids.items() if key.startswith("final_")]
     lines = [
-        "---",
-        f"base_model: {base_model}",
-        "library_name: diffusers",
-        "tags: [delora, dreambooth, diffusers, text-to-image]",
-        f"instance_prompt: {args.instance_prompt!r}",
-        "---",
-        "",
         f"# DeLoRA DreamBooth adapter: {args.instance_prompt}",
         "",
         "A [DeLoRA](https://arxiv.org/abs/2503.18225) adapter trained with "
@@ -44,19 +156,17 @@ def write_model_card(
         "of the low-rank update and scales it by a learnable lambda per layer, so ||dW|| <= |lambda| * "
         "max column norm of W: the update's strength is bounded and can be dialed at inference.",
         "",
-        "## Prompts",
+        "## Trigger words",
         "",
-        f"- Instance prompt: `{args.instance_prompt}`",
+        f"Use `{args.instance_prompt}` in the prompt (the instance prompt it was trained on).",
     ]
     if args.with_prior_preservation:
-        lines.append(f"- Class prompt (prior preservation): `{args.class_prompt}`")
-    if args.validation_prompt:
-        lines.append(f"- Validation prompt: `{args.validation_prompt}`")
+        lines.append(f"Class prompt (prior preservation): `{args.class_prompt}`.")
     lines += [
         "",
         "## Settings",
         "",
-        f"- Base model: `{base_model}` ({pipeline_class})",
+        f"- Base model: `{base_text}` ({pipeline_class})",
         f"- DeLoRA: rank {args.rank}, initial lambda {args.delora_lambda}, init `{args.delora_init}`, "
         f"targets `{args.delora_targets or 'model preset'}`, module dropout {args.delora_module_dropout}",
         f"- Text encoder trained: {'yes' if args.train_text_encoder else 'no'}",
@@ -66,28 +176,31 @@ def write_model_card(
         "",
         "## Use",
         "",
-        _LOAD.format(
-            pipeline=pipeline_class, base=base_model, adapter=str(adapter_dir), prompt=prompt, size=size
-        ),
+        _usage(pipeline_class, base_for_code, adapter, prompt, size),
+        "",
+        "Files: `delora_weights.safetensors` (DeLoRA), `pytorch_lora_weights.safetensors` (diffusers LoRA)"
+        + (", `pytorch_lora_weights_kohya.safetensors` (kohya: ComfyUI, A1111)" if kohya else "")
+        + ".",
         "",
     ]
-    if grids:
-        lines += ["## Validation", ""]
-        if "final" in grids:
-            lines += [f"`{prompt}`:", "", f"![validation](validation/{grids['final'].name})", ""]
-        if "lambda_sweep" in grids:
-            lines += [
-                "Lambda sweep: one row per scale (0 = base model, 0.5, 1 = trained, 1.5), same seeds:",
-                "",
-                f"![lambda sweep](validation/{grids['lambda_sweep'].name})",
-                "",
-            ]
-        if "prompts" in grids:
-            listed = "; ".join(f"`{p}`" for p in args.extra_validation_prompts)
-            lines += [
-                f"One row per prompt: {listed}.",
-                "",
-                f"![prompts](validation/{grids['prompts'].name})",
-                "",
-            ]
-    return atomic_write_text(adapter_dir / "README.md", "\n".join(lines))
+    if any(k in grids for k in ("final", "lambda_sweep", "prompts")):
+        lines += _validation_section(args, grids, prompt)
+    data = card_data(args, family, widget)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def write_model_card(
+    args: argparse.Namespace,
+    pipeline_class: str,
+    base_model: str | None,
+    adapter_dir: Path,
+    grids: dict[str, Path],
+    steps: int,
+    family: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """README.md in `adapter_dir`. `base_model` (the resolved path) is unused: the card names the model as
+    the user did (kept for callers)."""
+    del base_model
+    text = model_card_text(args, pipeline_class, grids, steps, family, repo_id)
+    return atomic_write_text(Path(adapter_dir) / "README.md", text)

@@ -12,16 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from ..model import delora_scale
+from ..util import atomic_write
 from .args import LAMBDA_SWEEP
 from .families import Family
 from .families.base import dtype_kwarg
-from .util import atomic_write
+from .trackers import log_images
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +133,10 @@ def run_validation(
         images = generate(pipe, family, args.validation_prompt, args, n, seed)
         if save:
             written[name] = save_image(make_grid([images]), out_dir / f"{name}.png")
-            for tracker in trackers:
-                if hasattr(tracker, "log_images"):
-                    tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step)
+            if name == "final":  # one file per image at the top, as diffusers writes them: the card's widget
+                for i, image in enumerate(images):
+                    written[f"final_{i}"] = save_image(image, out_dir.parent / f"image_{i}.png")
+            log_images(trackers, "validation", images, step, [args.validation_prompt] * len(images))
         if sweep:
             rows = []
             for scale in LAMBDA_SWEEP:
@@ -144,11 +145,16 @@ def run_validation(
                         stack.enter_context(delora_scale(model, scale))
                     rows.append(generate(pipe, family, args.validation_prompt, args, n, seed))
             if save:
-                written["lambda_sweep"] = save_image(make_grid(rows), out_dir / "lambda_sweep.png")
+                grid = make_grid(rows)
+                written["lambda_sweep"] = save_image(grid, out_dir / "lambda_sweep.png")
+                caption = "rows: lambda scale " + ", ".join(f"{s:g}" for s in LAMBDA_SWEEP)
+                log_images(trackers, "lambda_sweep", [grid], step, [caption])
         if sweep and args.extra_validation_prompts:
             rows = [generate(pipe, family, p, args, n, seed) for p in args.extra_validation_prompts]
             if save:
-                written["prompts"] = save_image(make_grid(rows), out_dir / "prompts.png")
+                grid = make_grid(rows)
+                written["prompts"] = save_image(grid, out_dir / "prompts.png")
+                log_images(trackers, "prompts", [grid], step, ["; ".join(args.extra_validation_prompts)])
     if written:
         logger.info("Validation images: %s", ", ".join(str(p) for p in written.values()))
     return written
