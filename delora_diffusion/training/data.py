@@ -42,11 +42,44 @@ def load_rgb(path: Path) -> Image.Image:
     """Open an image the way a camera meant it: EXIF orientation applied, any mode (L, RGBA, CMYK, P) to RGB."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
+        if image.mode in WIDE_GRAY_MODES:
+            image = wide_gray_to_l(image)
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
         return image.convert("RGB")
+
+
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Grayscale modes wider than 8 bits (16-bit PNG/TIFF): PIL's convert("RGB") clips them instead of scaling."""
+
+
+def wide_gray_to_l(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (0..65535) to 8-bit "L" (0..255) by scaling, as a viewer shows it.
+
+    PIL's own conversion clips every value above 255 to white, so a normal 16-bit photo comes out blank.
+    Mode "I" (32-bit) is what some PIL versions give 16-bit PNGs, so it is read in the same 16-bit range.
+    """
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+
+
+def read_caption(path: Path, fallback: str) -> str:
+    """A sidecar caption (UTF-8, a BOM allowed), or `fallback` when it is empty.
+
+    Any other encoding is a TrainingConfigError naming the file and the first bad byte: guessing a code page
+    could silently train on a wrong trigger word.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TrainingConfigError(
+            f"The caption file {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at position "
+            f"{err.start}). Save it as UTF-8, or pass --caption_extension '' to ignore caption files."
+        ) from None
+    return text.strip() or fallback
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -76,7 +109,7 @@ def read_examples(
         caption = prompt
         sidecar = path.with_suffix(caption_extension) if caption_extension else None
         if sidecar is not None and sidecar.is_file():
-            caption = sidecar.read_text(encoding="utf-8").strip() or prompt
+            caption = read_caption(sidecar, prompt)
         original = (image.height, image.width)
         examples.append(Example(resize_short_side(image, resolution), caption, original, path))
     if bad:

@@ -1,11 +1,13 @@
-"""Small shared pieces of the training package: user-facing errors, optional packages, atomic writes."""
+"""Small shared pieces of the training package: user-facing errors, optional packages, stale temp files.
+
+Atomic writes are :func:`delora_diffusion.util.atomic_write` (one implementation for the whole package).
+"""
 
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
-from collections.abc import Callable
+import logging
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -33,23 +35,25 @@ def is_installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to `path`, then rename it over `path`.
+logger = logging.getLogger("delora_diffusion.training")
 
-    A run killed at any moment leaves either the old file or the new one, never a truncated one.
+_TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")
+"""The hidden ``.<name>.<random>.tmp`` siblings :func:`delora_diffusion.util.atomic_write` writes first."""
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temp files a killed write left in `folder` (not recursive); returns what was removed.
+
+    Run at the start, before anything of this run writes there: only a dead process's temp files can exist.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and _TEMP_FILE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info(
+            "Removed %d temp file(s) left by an interrupted write: %s", len(stale), [p.name for p in stale]
+        )
+    return stale

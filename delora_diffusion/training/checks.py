@@ -1,0 +1,165 @@
+"""Everything that can fail on a flag, a path or a folder, run before any model loads; and the flag records.
+
+Two records of the flags are kept: the full one (local paths resolved) goes only into the local
+``training_args.json``; the shareable one (a hub id as given, a local path reduced to its folder name) goes
+into the adapter's metadata and the model card, which users upload and share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from . import checkpointing, distributed
+from .families import Family
+from .util import TrainingConfigError, is_installed, require
+
+logger = logging.getLogger("delora_diffusion.training")
+
+PATH_FLAGS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir")
+"""Flags whose value is (or may be) a local path."""
+
+MODEL_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path")
+"""Flags that take a local pipeline dir or a hub id."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag checks that need no model; each failure is a TrainingConfigError naming the flag."""
+    if args.instance_data_dir is None:
+        raise TrainingConfigError("--instance_data_dir is required with --pretrained_model_name_or_path.")
+    if not args.instance_prompt:
+        raise TrainingConfigError('--instance_prompt is required (e.g. "a photo of sks dog").')
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise TrainingConfigError(
+                "--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')."
+            )
+        if not args.class_data_dir:
+            raise TrainingConfigError(
+                "--with_prior_preservation needs --class_data_dir (created if missing)."
+            )
+    if args.extra_validation_prompts and not args.validation_prompt:
+        raise TrainingConfigError(
+            "--extra_validation_prompts needs --validation_prompt (the final validation)."
+        )
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs", "rank"):
+        if getattr(args, flag) < 1:
+            raise TrainingConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise TrainingConfigError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise TrainingConfigError("--checkpoints_total_limit must be at least 1.")
+    if not 0.0 <= args.delora_module_dropout < 1.0:
+        raise TrainingConfigError("--delora_module_dropout must be in [0, 1).")
+    if args.use_8bit_adam:
+        if args.optimizer != "adamw":
+            raise TrainingConfigError("--use_8bit_adam works with --optimizer adamw only.")
+        require("bitsandbytes", "--use_8bit_adam")
+    if args.optimizer == "prodigy":
+        require("prodigyopt", "--optimizer prodigy")
+    args.report_to = resolve_report_to(args.report_to)
+    distributed.check_args(args)
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag, None):
+            check_model_path(getattr(args, flag), flag)
+    checkpointing.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+
+
+def check_model_path(value: str, flag: str = "pretrained_model_name_or_path") -> None:
+    """A value that can only be a local path, and does not exist, is reported now instead of asking the hub.
+
+    A hub id is ``name`` or ``org/name``. Anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``), or an
+    ``org/name`` whose ``org`` is a local folder (``outputs/dreambooth-delra``), is a mistyped local path:
+    sent to the hub it would only fail after a minute of retries, with a message about the hub.
+    """
+    path = Path(os.path.expanduser(value))
+    if path.exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+        is_hub_id = not value.startswith((".", "~")) and not (
+            "/" in value and Path(value.split("/")[0]).is_dir()
+        )
+    except HFValidationError:
+        is_hub_id = False
+    if is_hub_id:
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    nearby = sorted(p.name for p in parent.iterdir() if p.is_dir())[:10] if parent.is_dir() else []
+    raise TrainingConfigError(
+        f"--{flag} {value!r} is a local path that does not exist (so it is not looked up on the hub). "
+        f"Folders in {str(parent)!r}: {nearby or 'none'}."
+    )
+
+
+def resolve_report_to(report_to: str | None) -> str | None:
+    """Tensorboard by default when installed; a named tracker that is missing is an error."""
+    if report_to is None:
+        if is_installed("tensorboard") or is_installed("tensorboardX"):
+            return "tensorboard"
+        logger.info(
+            "tensorboard is not installed: metrics go to the progress bar only (pip install tensorboard)."
+        )
+        return None
+    if report_to == "none":
+        return None
+    for name in ["tensorboard", "wandb"] if report_to == "all" else [report_to]:
+        if name == "tensorboard" and not is_installed("tensorboardX"):
+            require("tensorboard", "--report_to tensorboard")
+        elif name == "wandb":
+            require("wandb", "--report_to wandb")
+    return report_to
+
+
+def check_model(args: argparse.Namespace, family: Family) -> None:
+    """Family defaults (resolution, sequence length) and the resolution / VAE check."""
+    if args.resolution is None:
+        args.resolution = family.default_resolution
+    if args.max_sequence_length is None:
+        args.max_sequence_length = family.default_max_sequence_length
+    multiple = family.pixel_multiple()
+    if args.resolution < multiple or args.resolution % multiple:
+        extra = " (VAE factor x 2 for Flux's latent packing)" if family.latent_multiple > 1 else ""
+        raise TrainingConfigError(
+            f"--resolution {args.resolution} is not divisible by {multiple}, the VAE downsampling factor{extra} "
+            f"of this {family.name} model. Use e.g. {max(multiple, args.resolution // multiple * multiple)}."
+        )
+
+
+def training_args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as JSON-safe values, with local paths resolved: for the local ``training_args.json`` only."""
+    record = {}
+    for key, value in sorted(vars(args).items()):
+        if key in ("local_rank",):
+            continue
+        if key in PATH_FLAGS and value is not None and Path(value).exists():
+            value = str(Path(value).resolve())
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            record[key] = value
+        else:
+            record[key] = str(value)
+    return record
+
+
+def shareable_name(value: str) -> str:
+    """What a user would share for a model or folder: a hub id as given, a local path's folder name."""
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute() or path.exists():
+        return path.resolve().name or value
+    return value
+
+
+def shareable_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without local paths (adapter metadata, model card): see :func:`shareable_name`."""
+    shared = dict(record)
+    for key, value in record.items():
+        if isinstance(value, str) and (key in PATH_FLAGS or key in MODEL_FLAGS or os.path.isabs(value)):
+            shared[key] = shareable_name(value)
+    return shared
