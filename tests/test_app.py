@@ -6,7 +6,11 @@ import contextlib
 import math
 import os
 import shutil
+import struct
 import threading
+import urllib.error
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from delora_diffusion import DeLoRAConfig, get_delora_scale, inject_delora
 from delora_diffusion.app import (
     ADAPTER_SLOTS,
     DEFAULT_ADAPTERS_DIR,
+    DEFAULT_MAX_WORK,
     MAX_PROMPT_CHARS,
     SEED_RANGE,
     AppError,
@@ -29,6 +34,7 @@ from delora_diffusion.app import (
     format_adapter_info,
     make_request,
     parse_sweep_values,
+    server,
 )
 
 
@@ -150,11 +156,8 @@ def test_parse_sweep_values() -> None:
 
 
 def test_lists_every_adapter_in_the_adapters_dir_and_nothing_else(service: AppService) -> None:
-    from delora_diffusion.app import WEIGHT_NAME
-    from delora_diffusion.io import WEIGHT_NAME as IO_WEIGHT_NAME
-
-    assert WEIGHT_NAME == IO_WEIGHT_NAME
     assert service.list_adapters() == ["loose.safetensors", "run1", "run1/checkpoint-2"]
+    assert service.unreadable == {}
 
 
 def test_adapters_dir_itself_is_listed_as_dot(tiny: dict[str, Path]) -> None:
@@ -194,14 +197,15 @@ def test_listed_adapter_names_resolve_inside_the_adapters_dir(service: AppServic
         assert service.resolve_adapter(name).is_relative_to(tiny["adapters"].resolve())
 
 
-def test_models_are_the_given_ones_or_hub_ids(service: AppService, tiny) -> None:
-    assert service.resolve_model(str(tiny["model"])) == str(tiny["model"])
-    assert service.resolve_model("some-org/some-model") == "some-org/some-model"
+def test_models_are_the_given_ones_or_hub_ids(tiny) -> None:
+    svc = AppService([str(tiny["model"])], adapters_dir=tiny["adapters"], allow_hub_models=True)
+    assert svc.resolve_model(str(tiny["model"])) == str(tiny["model"])
+    assert svc.resolve_model("some-org/some-model") == "some-org/some-model"
     for bad in (str(tiny["adapters"]), "/etc", "../x/y", "tests/..", "a/b/c", "", "tests"):
         with pytest.raises(AppError):
-            service.resolve_model(bad)
+            svc.resolve_model(bad)
     with pytest.raises(AppError, match="--model"):
-        AppService(["m"], allow_hub_models=False).resolve_model("org/name")
+        AppService(["m"]).resolve_model("/etc")
 
 
 def test_upload_validation(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -239,22 +243,89 @@ def test_upload_validation(tiny: dict[str, Path], tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- generation
 
 
-def test_slider_moves_never_reload_the_model(service: AppService, tiny) -> None:
+def _count_calls(monkeypatch: pytest.MonkeyPatch, obj, names: tuple[str, ...]) -> Counter:
+    """Count calls of `obj`'s methods `names` by wrapping them on the instance (the real method still runs)."""
+    counts: Counter = Counter()
+    for name in names:
+        real = getattr(obj, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, wrapper)
+    return counts
+
+
+PIPE_CALLS = ("set_delora_scale", "set_delora_adapters", "enable_delora", "disable_delora", "delora_report")
+
+
+def test_slider_moves_never_reload_the_model(service: AppService, tiny, monkeypatch) -> None:
     model = str(tiny["model"])
     pipe = service.pipeline(model)
-    loads = service.load_count
-    real_load = service._load_pipeline
-    service._load_pipeline = lambda m: pytest.fail(f"reloaded {m}")  # type: ignore[method-assign]
-    try:
-        for value in (0.0, 0.35, 1.0, 2.0, 1.5):
-            assert service.set_scale(model, [("run1", 1.0)], value) == value
-            assert get_delora_scale(pipe.unet) == pytest.approx(value)
-            service.adapter_info(model, [("run1", 1.0)], value)
-        assert service.set_scale(model, [("run1", 1.0)], 7) == 2.0  # clamped
-    finally:
-        service._load_pipeline = real_load  # type: ignore[method-assign]
+    monkeypatch.setattr(service, "_load_pipeline", lambda m: pytest.fail(f"reloaded {m}"))
+    for value in (0.0, 0.35, 1.0, 2.0, 1.5):
+        assert service.set_scale(model, [("run1", 1.0)], value) == value
+        assert get_delora_scale(pipe.unet) == pytest.approx(value)
+        service.adapter_info(model, [("run1", 1.0)], value)
+    assert service.set_scale(model, [("run1", 1.0)], 7) == 2.0  # clamped
     assert service.pipeline(model) is pipe
-    assert service.load_count == loads
+
+
+def _ui_handler(demo, component, event: str = "change"):
+    """The function the built UI runs for `event` on `component` (what a browser event triggers)."""
+    fns = [f.fn for f in demo.fns.values() if (component._id, event) in f.targets]
+    assert len(fns) == 1
+    return fns[0]
+
+
+def test_a_slider_move_is_one_set_delora_scale_call_and_the_report_is_taken_once_per_load(
+    service: AppService, tiny, monkeypatch
+) -> None:
+    from delora_diffusion.app import build_ui
+
+    model = str(tiny["model"])
+    service.rescan()  # nothing loaded: the next selection loads run1 again
+    pipe = service.pipeline(model)
+    counts = _count_calls(monkeypatch, pipe, (*PIPE_CALLS, "load_delora_weights"))
+    demo = build_ui(service)
+    slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "lambda-scale")
+    on_slider = _ui_handler(demo, slider)
+    label = next(iter(service.model_labels))
+    slots = ["run1", 1.0] + ["", 1.0] * (ADAPTER_SLOTS - 1)
+    service.select(label, [("run1", 1.0)], 1.0)  # choosing the adapter loads it and takes its report
+    assert counts["load_delora_weights"] == 1 and counts["delora_report"] == 1
+    counts.clear()
+    for i, value in enumerate((0.0, 0.35, 2.0, 1.5, 0.7), start=1):
+        text = on_slider(label, value, *slots)
+        assert f"λ scale {value:g}" in text
+        assert get_delora_scale(pipe.unet) == pytest.approx(value)
+        assert counts == Counter({"set_delora_scale": i}), "a slider move is exactly one set_delora_scale"
+    # Generating and changing weights never takes the report again; only a new load does.
+    service.generate(_request(tiny["model"], 0.7, adapters=[("run1", 0.5)]))
+    service.adapter_info(model, [("run1", 0.5)], 1.2)
+    assert counts["delora_report"] == 0 and counts["load_delora_weights"] == 0
+    service.rescan()
+    service.select(label, [("run1", 1.0)], 1.0)
+    assert counts["delora_report"] == 1 and counts["load_delora_weights"] == 1
+
+
+@pytest.mark.parametrize(("weight", "scale"), [(1.0, 1.0), (0.5, 1.5), (2.0, 0.3)])
+def test_the_cached_report_is_the_live_report_at_any_weight_and_scale(
+    service: AppService, tiny, weight: float, scale: float
+) -> None:
+    from delora_diffusion.app.info import scaled_rows
+
+    model = str(tiny["model"])
+    service.select(model, [("run1", weight)], scale)
+    pipe = service.pipeline(model)
+    key = service._loaded[model]["run1"]
+    live = {r["layer"]: r for r in pipe.delora_report(key)}
+    cached = {r["layer"]: r for r in scaled_rows(service._info[(model, "run1")], weight * scale)}
+    assert live.keys() == cached.keys() and live
+    for layer, row in live.items():
+        for column in ("relative_delta", "relative_bound", "delta_norm", "bound", "lambda"):
+            assert cached[layer][column] == pytest.approx(row[column], rel=1e-5, abs=1e-9), (layer, column)
 
 
 def test_base_and_adapted_share_the_seed_and_lambda_zero_is_the_base(service: AppService, tiny) -> None:
@@ -346,13 +417,17 @@ def _race(service: AppService, model: Path, lock: bool) -> tuple:
     """
     a_paused, b_done = threading.Event(), threading.Event()
     steps_in_a = []
+    unet = service.pipeline(str(model)).unet
+    real_forward = unet.forward
 
-    def hook(step: int) -> None:
+    def forward(*args, **kwargs):  # observes the steps from outside: the service has no test hooks
+        out = real_forward(*args, **kwargs)
         if threading.current_thread().name == "user-a":
-            steps_in_a.append(step)
+            steps_in_a.append(1)
             if len(steps_in_a) == 3:  # first step of A's adapted pass (the base pass has 2)
                 a_paused.set()
                 b_done.wait(timeout=1.0)
+        return out
 
     results: dict[str, object] = {}
 
@@ -364,7 +439,7 @@ def _race(service: AppService, model: Path, lock: bool) -> tuple:
             b_done.set()
 
     real_lock = service._lock
-    service.step_hook = hook
+    unet.forward = forward
     if not lock:
         service._lock = contextlib.nullcontext()  # type: ignore[assignment]
     try:
@@ -376,7 +451,7 @@ def _race(service: AppService, model: Path, lock: bool) -> tuple:
         for t in threads:
             t.join(timeout=60)
     finally:
-        service.step_hook = None
+        del unet.forward
         service._lock = real_lock
     return results["user-a"], results["user-b"]
 
@@ -397,15 +472,25 @@ def test_concurrent_users_each_get_their_own_lambda(service: AppService, tiny) -
 # ------------------------------------------------------------------------------------- UI and CLI
 
 
-def test_main_builds_the_ui_on_loopback_and_never_shares(tiny, monkeypatch) -> None:
+def _fake_launch(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Replace Blocks.launch: record its arguments (and what exists while it runs) instead of serving."""
     import gradio as gr
 
+    launched: dict = {}
+
+    def launch(self, **kw):
+        launched.update(kw, demo=self, gradio_temp_dir=os.environ.get("GRADIO_TEMP_DIR"))
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    return launched
+
+
+def test_main_builds_the_ui_on_loopback_and_never_shares(tiny, monkeypatch) -> None:
     from delora_diffusion import app
 
     args = build_parser().parse_args([])
     assert (args.host, args.port, Path(args.adapters_dir)) == ("127.0.0.1", 7860, DEFAULT_ADAPTERS_DIR)
-    launched: dict = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw, demo=self))
+    launched = _fake_launch(monkeypatch)
     app.main(["--model", str(tiny["model"]), "--adapters_dir", str(tiny["adapters"]), "--device", "cpu"])
     assert launched["share"] is False and launched["server_name"] == "127.0.0.1"
     assert launched["server_port"] == 7860
@@ -421,6 +506,7 @@ def test_main_builds_the_ui_on_loopback_and_never_shares(tiny, monkeypatch) -> N
         "adapted-image",
         "adapter-info",
         "upload",
+        "adapter-problems",
     }
     assert wanted | {f"adapter-{i}" for i in range(ADAPTER_SLOTS)} <= ids
     app.main(["--model", str(tiny["model"]), "--host", "0.0.0.0", "--port", "7999"])
@@ -432,20 +518,27 @@ def test_the_default_model_is_the_embedded_one(tiny, monkeypatch) -> None:
 
     from delora_diffusion import app, embedded
 
-    launched: dict = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    launched = _fake_launch(monkeypatch)
     monkeypatch.setattr(embedded, "default_model_path", lambda: tiny["root"] / "not-trained-yet")
     with pytest.raises(SystemExit, match="embedded model is missing"):
         app.main(["--adapters_dir", str(tiny["adapters"])])
     monkeypatch.setattr(embedded, "default_model_path", lambda: tiny["model"])
     built: list[AppService] = []
-    monkeypatch.setattr(app, "build_ui", lambda service, **kw: built.append(service) or gr.Blocks())
+    monkeypatch.setattr(server, "build_ui", lambda service, **kw: built.append(service) or gr.Blocks())
     app.main(["--adapters_dir", str(tiny["adapters"])])
     assert built[0].models == [str(tiny["model"])] and launched["share"] is False
 
 
 @pytest.mark.parametrize(
-    "argv", [["--port", "0"], ["--port", "70000"], ["--max_upload_mb", "-1"], ["--device", "no-such-device"]]
+    "argv",
+    [
+        ["--port", "0"],
+        ["--port", "70000"],
+        ["--max_upload_mb", "-1"],
+        ["--device", "no-such-device"],
+        ["--max_work", "0"],
+        ["--max_work", "nan"],
+    ],
 )
 def test_bad_flags_exit_with_a_message(argv: list[str], capsys) -> None:
     from delora_diffusion import app
@@ -453,3 +546,234 @@ def test_bad_flags_exit_with_a_message(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         app.main([*argv, "--model", "unused"])
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_cli_app_subcommand_reaches_the_app(monkeypatch) -> None:
+    from delora_diffusion import cli
+
+    seen: list = []
+    monkeypatch.setattr(server, "main", lambda argv: seen.append(argv))
+    assert cli.main(["app", "--port", "7001"]) == 0
+    assert seen == [["--port", "7001"]]
+
+
+# ------------------------------------------------------------------------------------- bad entries (issue 13.2)
+
+
+def _bad_adapters_dir(tiny: dict[str, Path], tmp_path: Path) -> Path:
+    """A good adapter next to: a 31-byte file whose metadata is a JSON list, a symlink loop, a corrupt
+    delora_weights.safetensors, an unreadable folder, and an unreadable file (made unreadable below)."""
+    from delora_diffusion.io import WEIGHT_NAME
+
+    root = tmp_path / "adapters"
+    shutil.copytree(tiny["adapters"] / "run1", root / "good", ignore=shutil.ignore_patterns("checkpoint-*"))
+    header = b'{"__metadata__": ["x"]}'
+    (root / "meta-list.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    assert (root / "meta-list.safetensors").stat().st_size == 31
+    os.symlink("loop", root / "loop")
+    os.symlink(root / "loop2.safetensors", root / "loop2.safetensors")
+    (root / "broken").mkdir()
+    (root / "broken" / WEIGHT_NAME).write_bytes(b"\x00" * 7)
+    locked = root / "locked.safetensors"
+    shutil.copy(tiny["loose"] / WEIGHT_NAME, locked)
+    return root
+
+
+@pytest.fixture
+def bad_dir(tiny, tmp_path: Path, monkeypatch) -> Path:
+    """`_bad_adapters_dir`, with ``locked.safetensors`` unreadable even for root (whose reads chmod cannot
+    stop): reading its header fails with the PermissionError a real unreadable file gives."""
+    from delora_diffusion.app import adapters
+
+    root = _bad_adapters_dir(tiny, tmp_path)
+    (root / "locked.safetensors").chmod(0)
+    real = adapters.read_safetensors_header
+
+    def header(path):
+        if Path(path).name == "locked.safetensors":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(adapters, "read_safetensors_header", header)
+    yield root
+    (root / "locked.safetensors").chmod(0o644)
+
+
+def test_one_bad_entry_never_breaks_listing_rescan_or_generate(tiny, bad_dir: Path) -> None:
+    svc = AppService([str(tiny["model"])], adapters_dir=bad_dir)
+    assert svc.list_adapters() == ["good"]
+    bad = svc.unreadable
+    assert set(bad) == {"meta-list.safetensors", "loop", "loop2.safetensors", "broken", "locked.safetensors"}
+    assert "__metadata__" in bad["meta-list.safetensors"]
+    assert bad["loop"] == "symlink loop" and bad["loop2.safetensors"] == "symlink loop"
+    assert "Permission denied" in bad["locked.safetensors"]
+    assert "truncated" in bad["broken"]
+    assert not any(str(bad_dir) in reason for reason in bad.values())  # reasons reach the browser
+    with pytest.raises(AppError, match="unreadable"):
+        svc.resolve_adapter("loop")
+    assert svc.rescan() == ["good"]
+    result = svc.generate(_request(tiny["model"], 1.0, adapters=[("good", 1.0)]))
+    assert np.abs(_pixels(result.adapted) - _pixels(result.base)).max() > 2
+    assert svc.rescan() == ["good"] and svc.generate(_request(tiny["model"], 1.0, adapters=[("good", 1.0)]))
+
+
+def test_bad_entries_never_break_startup(tiny, bad_dir: Path, monkeypatch, capsys) -> None:
+    from delora_diffusion import app
+    from delora_diffusion.app.ui import problems_text
+
+    launched = _fake_launch(monkeypatch)
+    app.main(["--model", str(tiny["model"]), "--adapters_dir", str(bad_dir)])
+    out = capsys.readouterr().out
+    assert "1 adapters found" in out and "skipped unreadable entry 'loop': symlink loop" in out
+    blocks = {getattr(b, "elem_id", None): b for b in launched["demo"].blocks.values()}
+    assert blocks["adapter-0"].value == "good"
+    shown = blocks["adapter-problems"].value
+    assert "meta-list.safetensors" in shown and "symlink loop" in shown and "Permission denied" in shown
+    assert problems_text(AppService(["m"], adapters_dir=tiny["adapters"])) == ""
+
+
+# ------------------------------------------------------------------------------------- limits (issue 13.7)
+
+
+def test_each_request_has_a_work_budget(tiny) -> None:
+    one = 32 * 32 * 2  # pixel-steps of one 32x32 image at 2 steps
+    svc = AppService([str(tiny["model"])], adapters_dir=tiny["adapters"], max_work=2 * one)
+    assert svc.generate(_request(tiny["model"], 1.0))  # base + adapted: exactly the budget
+    with pytest.raises(AppError, match=r"4,096 pixel-steps.*allows 4,096|--max_work") as exc:
+        svc.generate(_request(tiny["model"], 1.0, steps=3))
+    assert "--max_work" in str(exc.value) and "6,144" in str(exc.value)
+    assert svc.sweep(_request(tiny["model"], 1.0), [0.0, 1.0])
+    with pytest.raises(
+        AppError, match="3-value sweep needs .* 12,288"
+    ):  # each value fits; the total does not
+        svc.sweep(_request(tiny["model"], 1.0, steps=4), [0.0, 0.5, 1.0])
+    # The default refuses what the sliders alone would allow (1024² at 100 steps, two images), at once.
+    big = _request(tiny["model"], 1.0, steps=100, width=1024, height=1024)
+    with pytest.raises(AppError, match="--max_work"):
+        AppService([str(tiny["model"])], adapters_dir=tiny["adapters"]).generate(big)
+    assert DEFAULT_MAX_WORK == 512 * 512 * 100
+    assert build_parser().parse_args(["--max_work", "1e9"]).max_work == 1e9
+
+
+def test_uploads_are_deleted_once_loaded_or_rejected_and_the_temp_dir_at_close(tiny, tmp_path: Path) -> None:
+    from delora_diffusion.io import WEIGHT_NAME
+
+    svc = AppService([str(tiny["model"])], adapters_dir=tiny["adapters"])
+    good = tmp_path / "mine.safetensors"
+    shutil.copy(tiny["loose"] / WEIGHT_NAME, good)
+    name = svc.add_upload(good, consume=True)
+    assert not good.exists() and svc.resolve_adapter(name).is_file()
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(AppError, match="not a valid DeLoRA adapter"):
+        svc.add_upload(junk, consume=True)
+    assert not junk.exists()
+    assert len(list(svc._upload_dir.iterdir())) == 1  # the rejected copy is gone too
+    kept = tmp_path / "kept.safetensors"
+    shutil.copy(tiny["loose"] / WEIGHT_NAME, kept)
+    svc.add_upload(kept)
+    assert kept.exists()  # only the web server's own copy is consumed
+    upload_dir = svc._upload_dir
+    svc.close()
+    assert not upload_dir.exists()
+
+
+def test_main_removes_its_temp_dir_and_points_gradio_into_it(tiny, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    launched = _fake_launch(monkeypatch)
+    server.main(["--model", str(tiny["model"]), "--adapters_dir", str(tiny["adapters"])])
+    work = Path(launched["gradio_temp_dir"]).parent
+    assert work.parent == tmp_path and work.name.startswith("delora-app-")
+    assert launched["demo"].delete_cache is not None
+    assert list(tmp_path.iterdir()) == [] and "GRADIO_TEMP_DIR" not in os.environ
+
+
+def test_hub_models_are_off_unless_the_flag_allows_them(tiny) -> None:
+    svc = AppService([str(tiny["model"])], adapters_dir=tiny["adapters"])
+    with pytest.raises(AppError, match="--allow_hub_models"):
+        svc.resolve_model("some-org/some-model")
+    assert not build_parser().parse_args([]).allow_hub_models
+    assert build_parser().parse_args(["--allow_hub_models"]).allow_hub_models
+
+
+def _post(url: str, origin: str | None, body: bytes, content_type: str) -> int:
+    headers = {"Content-Type": content_type} | ({"Origin": origin} if origin else {})
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_a_launched_server_refuses_cross_origin_posts(
+    service: AppService, tmp_path: Path, monkeypatch
+) -> None:
+    """A real server (the options main() uses) and real HTTP: a foreign Origin's upload is refused unread."""
+    import socket
+
+    from delora_diffusion.app import build_ui
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = build_parser().parse_args(["--port", str(port)])
+    demo = build_ui(service)
+    demo.launch(**server.launch_options(service, args), prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/gradio_api/upload"
+        boundary = "delora"
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.safetensors"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\nnot an adapter\r\n--{boundary}--\r\n"
+        ).encode()
+        kind = f"multipart/form-data; boundary={boundary}"
+        for origin in (
+            "http://evil.example",
+            "null",
+            f"http://localhost:{port}",
+            f"http://127.0.0.1:{port + 1}",
+        ):
+            assert _post(url, origin, body, kind) == 403, origin
+        assert not list((tmp_path / "gradio").rglob("x.safetensors"))  # refused before anything was written
+        assert _post(url, f"http://127.0.0.1:{port}", body, kind) == 200  # the app's own page
+        assert _post(url, None, body, kind) == 200  # not a browser acting for another site
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
+            assert response.status == 200  # reads are untouched
+    finally:
+        demo.close()
+
+
+# ------------------------------------------------------------------------------------- paths (issue 13.12)
+
+
+def test_the_info_panel_and_messages_show_no_absolute_local_paths(tiny, tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    pipe = load_pipeline(tiny["model"])
+    inject_delora(pipe.unet, DeLoRAConfig(rank=2, lambda_init=2.0, target_modules="unet"))
+    perturb_delora(pipe.unet, seed=4, std=2.0)
+    args = {
+        "pretrained_model_name_or_path": str(tiny["model"]),
+        "output_dir": "/home/someone/outputs/run9",
+        "instance_data_dir": str(tmp_path / "photos"),
+        "cache_dirs": ["/var/cache/x", "relative/dir"],
+        "rank": 2,
+    }
+    pipe.save_delora_weights(str(adapters / "run9"), training_args=args)
+    svc = AppService([str(tiny["model"])], adapters_dir=adapters)
+    text = svc.adapter_info(str(tiny["model"]), [("run9", 1.0)], 1.0)
+    for secret in (str(tmp_path), str(tiny["root"]), "/home/someone", "/var/cache"):
+        assert secret not in text
+    assert "output_dir: run9" in text and "instance_data_dir: photos" in text and "relative/dir" in text
+    assert f"base_model: `{tiny['model'].name}`" in text
+    assert list(svc.model_labels) == [tiny["model"].name]  # the model box shows the folder name
+    assert svc.resolve_model(tiny["model"].name) == str(tiny["model"])
+    with pytest.raises(AppError) as exc:
+        svc.resolve_adapter("missing")
+    assert str(adapters) not in str(exc.value)
+    (adapters / "bad").mkdir()
+    (adapters / "bad" / "delora_weights.safetensors").write_bytes(b"\x00" * 9)
+    svc.rescan()
+    assert str(adapters) not in svc.unreadable["bad"]
