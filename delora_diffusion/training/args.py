@@ -13,6 +13,11 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from .compat import apply_diffusers_flags, str2bool
+
+INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "box", "hamming", "lanczos")
+"""diffusers' --image_interpolation_mode choices (torchvision's names), read with PIL's filters."""
+
 DEFAULT_OUTPUT_DIR = "outputs/dreambooth-delora"
 
 # The default run (no flags): the bundled 64x64 model and subject. Tuned to finish in a few minutes on a
@@ -91,6 +96,54 @@ def build_parser() -> argparse.ArgumentParser:
         default=".txt",
         help="Sidecar caption files (image.png + image.txt) replace the instance prompt; '' turns them off.",
     )
+    g.add_argument(
+        "--dataset_name",
+        default=None,
+        help="A Hugging Face dataset instead of --instance_data_dir: a hub id (from the cache) or a local "
+        "imagefolder (images + metadata.jsonl / metadata.csv captions). Needs the `datasets` package.",
+    )
+    g.add_argument(
+        "--dataset_config_name", default=None, help="The dataset's config name, if it has several."
+    )
+    g.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloaded datasets.")
+    g.add_argument("--image_column", default="image", help="The dataset column holding the images.")
+    g.add_argument(
+        "--caption_column",
+        default=None,
+        help="The dataset column holding per-image captions (default: every image gets --instance_prompt).",
+    )
+    g.add_argument(
+        "--image_interpolation_mode",
+        default=None,
+        type=str.lower,
+        choices=INTERPOLATION_MODES,
+        help="Resampling filter for resizing images (default: bicubic).",
+    )
+    g.add_argument(
+        "--trigger_word",
+        default=None,
+        help="Prepended to captions that lack it (default: the instance prompt's rare token, e.g. 'sks' of "
+        "'a photo of sks dog' with --class_prompt 'a photo of dog'); '' turns it off.",
+    )
+    g.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Probability of training an instance image on the empty caption (kohya's option).",
+    )
+    g.add_argument(
+        "--enable_bucket",
+        action="store_true",
+        help="Aspect-ratio buckets (kohya): each image trains at the bucket of about --resolution^2 pixels "
+        "nearest its aspect ratio instead of a square crop.",
+    )
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="Smallest bucket side (pixels).")
+    g.add_argument(
+        "--max_bucket_reso", type=int, default=None, help="Largest bucket side (default: 2x resolution)."
+    )
+    g.add_argument(
+        "--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this (pixels)."
+    )
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true")
@@ -132,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensorboard, wandb, all or none (default: tensorboard when installed, else none).",
     )
     g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the output dir to a Hub model repo.")
+    g.add_argument("--hub_model_id", default=None, help="The repo (default: the output dir's name).")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`).")
+    g.add_argument(
+        "--output_kohya_format",
+        action="store_true",
+        help="Also write pytorch_lora_weights_kohya.safetensors (ComfyUI, A1111).",
+    )
+    g.add_argument(
+        "--license", default=None, help="The model card's license (default: the base model's usual one)."
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
@@ -163,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--prodigy_beta3", type=float, default=None)
+    g.add_argument("--prodigy_decouple", type=str2bool, default=True, help="Prodigy: AdamW-style decay.")
+    g.add_argument(
+        "--prodigy_use_bias_correction", type=str2bool, default=True, help="Prodigy: Adam's bias correction."
+    )
+    g.add_argument(
+        "--prodigy_safeguard_warmup", type=str2bool, default=True, help="Prodigy: safeguard warmup."
+    )
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
@@ -174,7 +245,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache_latents",
         action="store_true",
         default=None,
-        help="Encode each image with the VAE once (center crop, no flip).",
+        help="Encode each image with the VAE once: faster, but images are then center-cropped and never "
+        "flipped (random crop and --random_flip are off). On by default for the bundled model only.",
+    )
+    g.add_argument(
+        "--no_cache_latents",
+        dest="cache_latents",
+        action="store_false",
+        help="Encode images every step (keeps random crop and --random_flip).",
+    )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a model dir or hub id with the VAE at its root.",
+    )
+    g.add_argument("--tokenizer_name", default=None, help="SD: a tokenizer other than the model's.")
+    g.add_argument("--tokenizer_max_length", type=int, default=None, help="SD: tokens per prompt.")
+    g.add_argument(
+        "--text_encoder_use_attention_mask",
+        action="store_true",
+        help="SD: pass the tokenizer's attention mask to the text encoder.",
+    )
+    g.add_argument(
+        "--pre_compute_text_embeddings",
+        action="store_true",
+        help="Accepted for diffusers compatibility: prompt embeddings are always computed once when the text "
+        "encoders are frozen.",
+    )
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="xformers attention in the denoiser (needs xformers).",
+    )
+    g.add_argument(
+        "--enable_npu_flash_attention", action="store_true", help="Ascend NPU flash attention (torch_npu)."
+    )
+    g.add_argument(
+        "--upcast_before_saving",
+        action="store_true",
+        help="Accepted for diffusers compatibility: adapters are always saved in float32.",
+    )
+    g.add_argument(
+        "--precondition_outputs",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="SD3 (diffusers' default 1): regress the denoised latents (EDM-style preconditioning) instead of "
+        "the flow velocity.",
     )
     g.add_argument("--rank", type=int, default=None)
     g.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (SD3 77, Flux 512).")
@@ -202,6 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
         "module-name suffixes (default: the model's preset).",
     )
     g.add_argument("--delora_module_dropout", type=float, default=0.0)
+
+    g = p.add_argument_group(
+        "diffusers LoRA flags",
+        "Translated to DeLoRA (--lora_layers, --lora_blocks) or refused with the equivalent.",
+    )
+    g.add_argument(
+        "--lora_layers", default=None, help='Comma list of module suffixes, e.g. "attn.to_q,attn.to_k".'
+    )
+    g.add_argument("--lora_blocks", default=None, help='SD3: only these transformer blocks, e.g. "0,12".')
+    g.add_argument("--lora_alpha", type=float, default=None, help="Refused: use --delora_lambda.")
+    g.add_argument(
+        "--lora_dropout", type=float, default=None, help="Refused unless 0: use --delora_module_dropout."
+    )
+    g.add_argument(
+        "--use_dora", action="store_true", help="Refused: DeLoRA decouples direction and strength."
+    )
+    g.add_argument("--validation_images", nargs="+", default=None, help="Refused: use --validation_prompt.")
+    g.add_argument("--class_labels_conditioning", default=None, help="Refused (DeepFloyd IF only).")
+    g.add_argument(
+        "--do_edm_style_training", action="store_true", default=None, help="Refused (not implemented)."
+    )
     return p
 
 
@@ -217,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.delora_lambda_lr = args.learning_rate
     if args.text_encoder_lr is None:
         args.text_encoder_lr = args.learning_rate
-    return args
+    return apply_diffusers_flags(args)
 
 
 def resolve_embedded(args: argparse.Namespace) -> argparse.Namespace:

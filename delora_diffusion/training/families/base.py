@@ -50,12 +50,25 @@ def load_component(
         return None
     library, class_name = entry
     cls = getattr(importlib.import_module(library), class_name)
-    kwargs: dict[str, Any] = {"subfolder": name, "revision": args.revision}
+    path, kwargs = component_source(info, name, args)
     if "Tokenizer" not in class_name:
         kwargs["variant"] = args.variant
         if dtype is not None:
             kwargs[dtype_kwarg(library)] = dtype
-    return cls.from_pretrained(info.path, **kwargs)
+    return cls.from_pretrained(path, **kwargs)
+
+
+def component_source(info: ModelInfo, name: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Where a component loads from: the pipeline's subfolder, or diffusers' overrides
+    (``--pretrained_vae_model_name_or_path``: a VAE at the root of another repo / dir; ``--tokenizer_name``).
+    """
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    tokenizer = getattr(args, "tokenizer_name", None)
+    if name == "vae" and vae:
+        return vae, {"revision": args.revision}
+    if name == "tokenizer" and tokenizer:
+        return tokenizer, {"revision": args.revision}
+    return info.path, {"subfolder": name, "revision": args.revision}
 
 
 def dtype_kwarg(library: str = "diffusers") -> str:
@@ -128,7 +141,7 @@ class FlowObjective:
         sigmas = sigmas.reshape(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         weight = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
-        return Noised(noisy, timesteps, noise - latents, weight)
+        return Noised(noisy, timesteps, noise - latents, weight, extra={"sigmas": sigmas})
 
 
 class Family:
@@ -195,14 +208,18 @@ class Family:
         return {}
 
 
-def tokenize(tokenizer: Any, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
-    return tokenizer(
+def tokenize(
+    tokenizer: Any, prompts: list[str], max_length: int | None = None, with_mask: bool = False
+) -> Any:
+    """Padded token ids (and the attention mask with `with_mask`)."""
+    out = tokenizer(
         prompts,
         padding="max_length",
         max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids
+    )
+    return (out.input_ids, out.attention_mask) if with_mask else out.input_ids
 
 
 def clip_encode(encoder: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +251,23 @@ def read_model_index(path: str, args: argparse.Namespace) -> tuple[dict[str, Any
 
 
 def read_vae_scale_factor(info_path: str, local_dir: Path | None, args: argparse.Namespace) -> int:
-    if local_dir is not None:
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae and Path(vae).is_dir():
+        config_file = Path(vae) / "config.json"
+        if not config_file.is_file():
+            raise TrainingConfigError(
+                f"--pretrained_vae_model_name_or_path {vae!r} has no config.json at its root."
+            )
+    elif vae:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = Path(hf_hub_download(vae, "config.json", revision=args.revision))
+        except Exception as err:
+            raise TrainingConfigError(
+                f"Could not find the VAE {vae!r} locally or on the hub ({type(err).__name__}: {err})."
+            ) from None
+    elif local_dir is not None:
         config_file = local_dir / "vae" / "config.json"
     else:
         from huggingface_hub import hf_hub_download

@@ -18,8 +18,11 @@ class StableDiffusion(DDPMObjective, Family):
     )
 
     def encode_prompts(self, tokenizers, encoders, prompts, args) -> dict[str, torch.Tensor]:
-        ids = tokenize(tokenizers["tokenizer"], prompts)
-        return {"prompt_embeds": encoders["text_encoder"](ids.to(self.device))[0]}
+        length = getattr(args, "tokenizer_max_length", None)
+        ids, mask = tokenize(tokenizers["tokenizer"], prompts, length, with_mask=True)
+        use_mask = getattr(args, "text_encoder_use_attention_mask", False)
+        mask = mask.to(self.device) if use_mask else None
+        return {"prompt_embeds": encoders["text_encoder"](ids.to(self.device), attention_mask=mask)[0]}
 
     def predict(self, denoiser: Any, noised: Noised, cond, batch, args) -> torch.Tensor:
         pred = denoiser(noised.noisy, noised.timesteps, cond["prompt_embeds"], return_dict=False)[0]

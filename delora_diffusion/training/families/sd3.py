@@ -45,14 +45,23 @@ class StableDiffusion3(FlowObjective, Family):
             "pooled_prompt_embeds": torch.cat(pooled, dim=-1),
         }
 
+    def noise(self, scheduler: Any, latents: torch.Tensor, args) -> Noised:
+        noised = super().noise(scheduler, latents, args)
+        if getattr(args, "precondition_outputs", 0):
+            noised.target = latents  # diffusers' SD3 default: regress the denoised latents
+        return noised
+
     def predict(self, denoiser: Any, noised: Noised, cond, batch, args) -> torch.Tensor:
-        return denoiser(
+        pred = denoiser(
             hidden_states=noised.noisy,
             timestep=noised.timesteps,
             encoder_hidden_states=cond["prompt_embeds"],
             pooled_projections=cond["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
+        if getattr(args, "precondition_outputs", 0):
+            pred = pred * (-noised.extra["sigmas"]) + noised.noisy  # x_t - sigma * v = the denoised latents
+        return pred
 
     def pipeline_kwargs(self, args) -> dict[str, Any]:
         return {"max_sequence_length": args.max_sequence_length}

@@ -29,9 +29,15 @@ class StableDiffusionXL(DDPMObjective, Family):
         return {"prompt_embeds": torch.cat(states, dim=-1), "pooled_prompt_embeds": pooled}
 
     def predict(self, denoiser: Any, noised: Noised, cond, batch, args) -> torch.Tensor:
-        size = (args.resolution, args.resolution)
+        # (original h, w) + (crop top, left) + (target h, w): the target is the bucket with --enable_bucket.
+        targets = batch.get("target_sizes") or [(args.resolution, args.resolution)] * len(
+            batch["original_sizes"]
+        )
         time_ids = torch.tensor(
-            [tuple(o) + tuple(c) + size for o, c in zip(batch["original_sizes"], batch["crops_top_left"])],
+            [
+                tuple(o) + tuple(c) + tuple(t)
+                for o, c, t in zip(batch["original_sizes"], batch["crops_top_left"], targets)
+            ],
             device=noised.noisy.device,
             dtype=cond["prompt_embeds"].dtype,
         )
