@@ -1,7 +1,9 @@
 """The ``delora-diffusion`` command: inspect, export-lora, export-peft, merge, app.
 
 ADAPTER is anything ``pipe.load_delora_weights`` accepts: a file, a directory (ours or a PEFT adapter), or a
-hub repo id. Bad paths and bad files print a one-line error that says what to fix, and exit non-zero.
+hub repo id. Bad paths, bad files, bad numbers and unwritable outputs print a one-line error that says what to
+fix, and exit non-zero. Outputs are written atomically and never replace an existing file or folder without
+``--overwrite`` (and never the adapter being read).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .util import finite_number
 
 EXIT_ERROR = 1
 """Exit status for bad input (missing paths, bad files); argparse's usage errors keep their own (2)."""
@@ -42,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="lambda scale baked into the LoRA (default 1)")
     p.add_argument("--component", default=None, help="component of a PEFT adapter (e.g. unet)")
     p.add_argument("--skip-unsupported", action="store_true", help="leave out T5 components (no LoRA loader)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser(
         "export-peft", help="write each component as a PEFT DeLoRA adapter (OUT_DIR/<component>)"
@@ -49,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("out_dir")
     p.add_argument("--component", default=None, help="component of a PEFT adapter (e.g. unet)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR/<component> folders that exist")
 
     p = sub.add_parser("merge", help="write a full diffusers model directory with the update baked in")
     p.add_argument("--base", required=True, help="base pipeline: a directory or hub repo id")
@@ -56,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (a complete diffusers pipeline)")
     p.add_argument("--scale", type=float, default=None, help="lambda scale to bake in (default: 1)")
     p.add_argument("--component", default=None, help="component of a PEFT adapter (e.g. unet)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
 
     sub.add_parser("app", help="start the Gradio app (arguments are passed on to it)", add_help=False)
     return parser
@@ -76,15 +83,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io import DeLoRAFileError
 
     try:
+        if getattr(args, "scale", None) is not None:
+            finite_number(args.scale, "--scale")
         return {
             "inspect": _inspect,
             "export-lora": _export_lora,
             "export-peft": _export_peft,
             "merge": _merge,
         }[args.command](args)
-    except (FileNotFoundError, NotADirectoryError, DeLoRAFileError, ValueError, TypeError) as err:
-        print(f"delora-diffusion {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    except (DeLoRAFileError, ValueError, TypeError) as err:
+        return _fail(args.command, str(err))
+    except OSError as err:  # missing inputs, unwritable outputs, existing outputs, a full disk
+        return _fail(args.command, _os_error_message(err))
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"delora-diffusion {command}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _os_error_message(err: OSError) -> str:
+    """Our own messages as they are; the system's (permission denied, ...) with the path it concerns."""
+    if err.strerror and err.filename:
+        return f"cannot use {str(err.filename)!r}: {err.strerror}"
+    return str(err)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -152,6 +174,7 @@ def _export_lora(args: argparse.Namespace) -> int:
         scale=args.scale,
         skip_unsupported=args.skip_unsupported,
         component=args.component,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.format} LoRA (lambda scale {args.scale:g}, alpha = rank) to {out}")
     return 0
@@ -160,21 +183,37 @@ def _export_lora(args: argparse.Namespace) -> int:
 def _export_peft(args: argparse.Namespace) -> int:
     from . import export
 
-    written = export.export_peft(args.adapter, args.out_dir, component=args.component)
+    out = Path(args.out_dir)
+    if _non_empty(out) and not args.overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} is not empty; pass --overwrite to replace its component folders."
+        )
+    written = export.export_peft(args.adapter, out, component=args.component, overwrite=args.overwrite)
     for component, path in written.items():
         print(f"wrote PEFT DeLoRA adapter for {component} to {path}")
     return 0
+
+
+def _non_empty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def _merge(args: argparse.Namespace) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
-    from . import io, pipeline
+    from . import export, io, pipeline
 
+    out = Path(args.out)
+    if _non_empty(out) and not args.overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} is not empty; pass --overwrite to replace it with the merged model."
+        )
     data = io.load_adapter(args.adapter, component=args.component)  # validate before the (slow) base load
     base = Path(args.base)
-    if not base.exists() and (args.base.startswith(("/", ".", "~")) or base.suffix):
+    if not base.exists() and (
+        args.base.startswith(("/", ".", "~")) or base.suffix or args.base.count("/") > 1
+    ):
         raise FileNotFoundError(
             f"Base model {args.base!r} does not exist; pass a pipeline directory or hub id."
         )
@@ -187,8 +226,7 @@ def _merge(args: argparse.Namespace) -> int:
         ) from None
     pipeline.load_delora_weights(pipe, data, component=args.component)
     pipeline.bake_delora(pipe, scale=args.scale)
-    out = Path(args.out)
-    pipe.save_pretrained(out, safe_serialization=True)
+    export.replace_directory(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), whole=True)
     print(
         f"wrote {type(pipe).__name__} with the adapter baked in (lambda scale {args.scale or 1:g}) to {out}"
     )

@@ -13,18 +13,23 @@ PEFT DeLoRA. ``init="zero"`` adapters are PEFT's formula already. A paper-init a
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import functional, io
+from .util import atomic_write_text, finite_number
 
 LORA_FORMATS = ("diffusers", "kohya")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""diffusers' default LoRA file name: what ``pipe.load_lora_weights(folder)`` looks for."""
 
 # Components diffusers' LoRA loaders (and ComfyUI/A1111) take LoRA weights for: T5 encoders are not among them.
 _T5_CLASSES = ("T5EncoderModel",)
@@ -56,8 +61,7 @@ def lora_factors_per_layer(
     (no LoRA consumer loads them) unless `skip_unsupported`, which leaves them out with a warning.
     """
     _check_routed(data)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"The lambda scale must be a finite number, got {scale!r}.")
+    scale = finite_number(scale, "The lambda scale")
     unsupported = _unsupported_components(data)
     if unsupported and not skip_unsupported:
         raise ValueError(
@@ -146,25 +150,44 @@ def export_lora(
     scale: float = 1.0,
     skip_unsupported: bool = False,
     component: str | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write `adapter` (any source load_delora_weights accepts) as a LoRA ``.safetensors`` file at `out`.
 
-    A directory `out` gets ``pytorch_lora_weights.safetensors`` (diffusers' default name) inside it.
+    A directory `out` gets ``pytorch_lora_weights.safetensors`` (diffusers' default name) inside it. The
+    write is atomic; the adapter's own file is never replaced, and an existing `out` only with `overwrite`.
     """
     data = io.load_adapter(adapter, component=component)
-    state = to_lora_state_dict(data, format, scale, skip_unsupported)
     out = Path(out)
     if out.suffix != ".safetensors":
-        out = out / "pytorch_lora_weights.safetensors"
+        out = out / LORA_WEIGHT_NAME
+    _refuse_input(out, data.source)
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it."
+        )
+    state = to_lora_state_dict(data, format, scale, skip_unsupported)
     metadata = {
         "format": "pt",
-        "delora_exported_from": str(data.source),
-        "delora_lambda_scale": repr(float(scale)),
-        "delora_base_model": str(data.metadata.get("base_model") or ""),
+        "delora_exported_from": io.shareable_model_name(data.source) or "",
+        "delora_scale": repr(float(scale)),
+        "delora_base_model": io.shareable_model_name(data.metadata.get("base_model")) or "",
     }
     if format == "kohya":
         metadata["ss_network_module"] = "networks.lora"
     return io.write_safetensors_atomic(out, state, metadata)
+
+
+def _refuse_input(out: Path, source: str) -> None:
+    """An export never replaces the adapter it reads (``export-lora x.safetensors x.safetensors``)."""
+    src = Path(source)
+    if not src.exists() or not out.exists():
+        return
+    inputs = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file()]
+    if any(out.samefile(p) for p in inputs):
+        raise ValueError(
+            f"Refusing to write the export over its input {str(out)!r}; choose another output path."
+        )
 
 
 def to_peft(data: io.AdapterData, component: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -196,7 +219,7 @@ def to_peft(data: io.AdapterData, component: str) -> tuple[dict[str, Any], dict[
     rank = max(counts, key=lambda r: (counts[r], -r))
     factor = 2 if config.init == "paper" else 1
     model_class = data.metadata.get("component_classes", {}).get(component)
-    base = data.metadata.get("base_model")
+    base = io.shareable_model_name(data.metadata.get("base_model"))
     peft_config = {
         "peft_type": "DELORA",
         "task_type": None,
@@ -214,7 +237,7 @@ def to_peft(data: io.AdapterData, component: str) -> tuple[dict[str, Any], dict[
         "layers_pattern": None,
         "modules_to_save": None,
         "revision": None,
-        "base_model_name_or_path": f"{base}/{component}" if base else None,
+        "base_model_name_or_path": f"{base}/{component}" if base else None,  # base: as the file records it
         "auto_mapping": {"base_model_class": model_class, "parent_library": _parent_library(model_class)}
         if model_class
         else None,
@@ -234,18 +257,65 @@ def _parent_library(class_name: str | None) -> str | None:
     return None
 
 
-def export_peft(adapter: Any, out_dir: str | os.PathLike, component: str | None = None) -> dict[str, Path]:
-    """Write each component as a PEFT DeLoRA adapter in ``out_dir/<component>/``.
+def export_peft(
+    adapter: Any, out_dir: str | os.PathLike, component: str | None = None, overwrite: bool = True
+) -> dict[str, Path]:
+    """Write each component as a PEFT DeLoRA adapter in ``out_dir/<component>/``, never half-written.
 
+    Everything is written into a temporary folder beside `out_dir` and then moved into place, so a failure
+    leaves no partial adapter. Existing ``<component>`` folders are replaced only with `overwrite`.
     PEFT users continue with ``PeftModel.from_pretrained(pipe.unet, "out_dir/unet", is_trainable=True)``.
     """
     data = io.load_adapter(adapter, component=component)
     _check_routed(data)
-    written = {}
-    for comp in data.tensors:
-        config, tensors = to_peft(data, comp)
-        target = Path(out_dir) / comp
-        io.write_safetensors_atomic(target / io.PEFT_WEIGHT_NAME, tensors, {"format": "pt"})
-        (target / io.PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        written[comp] = target
-    return written
+    out_dir = Path(out_dir)
+    existing = [c for c in data.tensors if (out_dir / c).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{str(out_dir)!r} already has {existing}; pass --overwrite (overwrite=True) to replace them."
+        )
+    exports = {comp: to_peft(data, comp) for comp in data.tensors}
+
+    def write(tmp: Path) -> None:
+        for comp, (config, tensors) in exports.items():
+            target = tmp / comp
+            target.mkdir()
+            atomic_write_text(
+                target / io.PEFT_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
+            )
+            io.write_safetensors_atomic(target / io.PEFT_WEIGHT_NAME, tensors, {"format": "pt"})
+
+    replace_directory(out_dir, write, whole=False)
+    return {comp: out_dir / comp for comp in exports}
+
+
+def replace_directory(out_dir: str | os.PathLike, write: Callable[[Path], None], whole: bool) -> Path:
+    """Call ``write(tmp)`` on a fresh folder beside `out_dir`, then move the result into place.
+
+    A new `out_dir` appears at once, complete. An existing one is replaced as a whole (`whole`: nothing stale
+    is kept, as for a merged pipeline) or entry by entry (only the entries `write` made, the rest kept). A
+    failure in `write` leaves `out_dir` as it was and no temporary folder behind.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+            return out_dir
+        sources = [tmp] if whole else sorted(tmp.iterdir())
+        for src in sources:
+            dst = out_dir if whole else out_dir / src.name
+            old = tmp.parent / f"{tmp.name}.old" if whole else tmp / f".{src.name}.old"
+            if dst.exists():
+                os.replace(dst, old)
+            os.replace(src, dst)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -47,7 +47,7 @@ def test_export_lora_and_peft(trained, tmp_path, capsys):
     )
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as handle:
         keys = list(handle.keys())
-        assert handle.metadata()["delora_lambda_scale"] == "0.5"
+        assert handle.metadata()["delora_scale"] == "0.5"
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
     assert cli.main(["export-lora", str(t.adapter_dir), str(tmp_path / "lora_dir")]) == 0
     assert (tmp_path / "lora_dir" / "pytorch_lora_weights.safetensors").is_file()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import delora_diffusion as dd
 from delora_diffusion import io, pipeline
+from delora_diffusion.io import planner
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
@@ -102,6 +103,11 @@ def _unknown_layer(s: dict) -> dict:
     return {**s, **extra}
 
 
+def _no_layer_list(m: dict) -> dict:
+    """A file written before the exact layer list was recorded: its tensors alone say which layers it adapts."""
+    return {k: v for k, v in m.items() if k != "delora_layers"}
+
+
 def _as_component(old: str, new: str) -> tuple[Callable, Callable]:
     def tensors(s: dict) -> dict:
         return {
@@ -111,7 +117,7 @@ def _as_component(old: str, new: str) -> tuple[Callable, Callable]:
         }
 
     def meta(m: dict) -> dict:
-        for key in ("delora_configs", "delora_component_classes", "delora_w_norm_fingerprint"):
+        for key in ("delora_configs", "delora_component_classes", "delora_w_norm_fingerprint", "delora_layers"):
             value = json.loads(m[key])
             value[new] = value.pop(old)
             m[key] = json.dumps(value)
@@ -139,10 +145,11 @@ BAD_FILES = {
         lambda s: {k: v for k, v in s.items() if f"{LAYER}." not in k},
         None,
         True,
-        rf"missing keys: its config targets 1 layer\(s\) of unet .*{LAYER}",
+        rf"missing keys: it records 1 layer\(s\) of unet that have no tensors .*{LAYER}",
     ),
     "unknown_key": (_unknown_tensor, None, True, rf"unknown keys \['unet\.{LAYER}\.delora_C'\]"),
-    "unknown_layer": (_unknown_layer, None, True, r"layers that unet \(UNet2DConditionModel\) does not have: .*attn9"),
+    "unknown_layer": (_unknown_layer, _no_layer_list, True, r"layers that unet \(UNet2DConditionModel\) does not have: .*attn9"),
+    "unrecorded_layer": (_unknown_layer, None, True, r"unknown keys for layers .*attn9.* its layer list does not record"),
     "non_finite": (_nan_lambda, None, True, rf"unet\.{LAYER}\.delora_lambda has non-finite values"),
     "version": (None, lambda m: {**m, "delora_format_version": "99"}, True, r"format version 99.*Upgrade delora-diffusion"),
     "bitflip": (lambda s: {**s, f"unet.{LAYER}.delora_A": s[f"unet.{LAYER}.delora_A"] + 1e-3}, None, False, r"corrupted: its tensors do not match the checksum"),
@@ -225,14 +232,14 @@ def _state(t) -> dict:
 
 def test_failure_while_applying_rolls_back(sd_pipe, good_file, monkeypatch):
     before = snapshot(sd_pipe)
-    real = pipeline.inject_delora
+    real = planner.inject_delora
 
     def fail_on_text_encoder(module, config, name):
         if type(module).__name__ == "CLIPTextModel":
             raise RuntimeError("out of memory")
         return real(module, config, name)
 
-    monkeypatch.setattr(pipeline, "inject_delora", fail_on_text_encoder)
+    monkeypatch.setattr(planner, "inject_delora", fail_on_text_encoder)
     with pytest.raises(RuntimeError, match="out of memory"):
         sd_pipe.load_delora_weights(good_file)
     assert_unchanged(sd_pipe, before)
@@ -245,7 +252,7 @@ def test_metadata_contents(trained):
     assert meta["components"] == ["unet", "text_encoder", "text_encoder_2"]
     assert meta["component_classes"]["text_encoder_2"] == "CLIPTextModelWithProjection"
     assert dd.DeLoRAConfig.from_dict(meta["configs"]["unet"]).init == "paper"
-    assert meta["base_model"] == str(t.base_dir)
+    assert meta["base_model"] == t.base_dir.name  # a local folder by its name: no absolute paths in files
     assert meta["pipeline_class"] == "StableDiffusionXLPipeline"
     assert meta["training_args"] == {"family": "sdxl", "learning_rate": 1e-3}
     fingerprint = meta["w_norm_fingerprint"]["unet"]

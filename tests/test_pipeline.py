@@ -149,7 +149,7 @@ def test_report_and_metadata_for_the_app(trained):
     assert half[0]["scale"] == 0.5
     assert half[0]["delta_norm"] == pytest.approx(rows[0]["delta_norm"] * 0.5, rel=1e-4)
     meta = pipe.get_delora_metadata("default")
-    assert meta["base_model"] == str(t.base_dir)
+    assert meta["base_model"] == t.base_dir.name
     assert meta["pipeline_class"] == "StableDiffusionPipeline"
     assert meta["component_classes"] == {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel"}
 
