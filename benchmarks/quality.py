@@ -1,8 +1,10 @@
 """Subject fidelity and drift across learning rates and training lengths, on the embedded world and model.
 
-Methods: our DeLoRA (``paper`` and ``zero`` init), PEFT LoRA, PEFT DeLoRA, PEFT DoRA. Each (method, subject,
-learning rate) is one DreamBooth run on the subject's images (instance prompt only, no prior preservation,
-as in PEFT's image benchmark), evaluated at every length in ``--steps`` with the probe:
+Methods: our DeLoRA (``paper`` and ``zero`` init) with an absolute lambda (``delora-paper``, ``--delora_lambda``)
+or with a relative bound rho (``delora-paper@0.05``: every layer keeps |dW| <= 5% of |W|), PEFT LoRA, PEFT
+DeLoRA, PEFT DoRA. Each (method, subject, learning rate, seed) is one DreamBooth run on the subject's images
+(instance prompt only, no prior preservation, as in PEFT's image benchmark), evaluated at every length in
+``--steps`` with the probe:
 
 - subject similarity: probe-embedding cosine between "sks <class> on a <color> background" generations and
   the subject's held-out views; subject attributes: the probe finds its shape, colour, pattern and accent;
@@ -15,6 +17,8 @@ Outputs under --out: results.json, results.md (tables), fidelity_vs_lr.png, drif
     python benchmarks/quality.py --quick               # a smoke run (one subject, two LRs, few steps)
     python benchmarks/quality.py --from_results a/results.json b/results.json --out merged
                                                        # tables and plots from runs split across processes
+
+Tables give mean ± sd over the seeds of each cell (``--seeds 0 1 2``) and the number of seeds.
 """
 
 from __future__ import annotations
@@ -37,21 +41,42 @@ from delora_diffusion.embedded import default_model_path, load_probe, load_subje
 from delora_diffusion.embedded.evaluate import drift, generate_for_drift, subject_prompts, subject_scores
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+TARGET_SETS = {"attention": ATTENTION, "attention-ff": ATTENTION + FEED_FORWARD}
 METHODS = ("delora-paper", "delora-zero", "peft-lora", "peft-delora", "peft-dora")
 
 
-def add_adapter(unet: torch.nn.Module, method: str, rank: int, lam: float, lr: float, lambda_lr: float):
-    """Put one method's adapter on the attention projections; return optimizer parameter groups."""
+def method_type(value: str) -> str:
+    """A method name, or ``delora-<init>@<rho>`` for ours with a relative bound."""
+    base, _, rho = value.partition("@")
+    if base not in METHODS or (rho and not base.startswith("delora-")):
+        raise argparse.ArgumentTypeError(
+            f"unknown method {value!r}; use one of {METHODS} or delora-paper@0.05"
+        )
+    if rho:
+        try:
+            DeLoRAConfig(relative_bound=float(rho))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{value!r}: {err}") from None
+    return value
+
+
+def add_adapter(
+    unet: torch.nn.Module, method: str, rank: int, lam: float, lr: float, lambda_lr: float, targets: list[str]
+):
+    """Put one method's adapter on the target layers; return optimizer parameter groups."""
     if method.startswith("delora-"):
-        init = method.split("-")[1]
-        inject_delora(unet, DeLoRAConfig(rank=rank, lambda_init=lam, init=init, target_modules=ATTENTION))
+        base, _, rho = method.partition("@")
+        init = base.split("-")[1]
+        bound = {"relative_bound": float(rho)} if rho else {"lambda_init": lam}
+        inject_delora(unet, DeLoRAConfig(rank=rank, init=init, target_modules=targets, **bound))
         return delora_parameters(unet, lr=lr, lambda_lr=lambda_lr)
     from peft import DeloraConfig, LoraConfig, inject_adapter_in_model
 
     config = {
-        "peft-lora": lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=ATTENTION),
-        "peft-dora": lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=ATTENTION, use_dora=True),
-        "peft-delora": lambda: DeloraConfig(r=rank, delora_lambda=int(lam), target_modules=ATTENTION),
+        "peft-lora": lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=targets),
+        "peft-dora": lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, use_dora=True),
+        "peft-delora": lambda: DeloraConfig(r=rank, delora_lambda=int(lam), target_modules=targets),
     }[method]()
     inject_adapter_in_model(config, unet)
     params = []
@@ -89,7 +114,8 @@ class Bench:
             self.base_drift[name] = generate_for_drift(self.pipe, subject, **self.gen_kwargs())
 
     def gen_kwargs(self) -> dict:
-        return {"steps": self.args.inference_steps, "guidance": 5.0, "seed": self.args.seed}
+        """Evaluation images use fixed seeds for every run: the training seed varies, the probe's view not."""
+        return {"steps": self.args.inference_steps, "guidance": 5.0, "seed": self.args.eval_seed}
 
     def adapted_pipe(self, unet):
         from diffusers import StableDiffusionPipeline
@@ -98,15 +124,18 @@ class Bench:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def run(self, method: str, subject_name: str, lr: float) -> list[dict]:
+    def run(self, method: str, subject_name: str, lr: float, seed: int) -> list[dict]:
         """Train one adapter up to max(--steps), evaluating at each length in --steps."""
         args = self.args
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         unet = copy.deepcopy(self.base_unet)
-        groups = add_adapter(unet, method, args.rank, args.delora_lambda, lr, lr * args.lambda_lr_mult)
+        targets = TARGET_SETS[args.targets]
+        groups = add_adapter(
+            unet, method, args.rank, args.delora_lambda, lr, lr * args.lambda_lr_mult, targets
+        )
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         latents, embeds = self.latents[subject_name], self.prompt_embeds[subject_name]
-        g = torch.Generator().manual_seed(args.seed)
+        g = torch.Generator().manual_seed(seed)
         rows, t0 = [], time.time()
         unet.train()
         for step in range(1, max(args.steps) + 1):
@@ -132,7 +161,9 @@ class Bench:
                     "method": method,
                     "subject": subject_name,
                     "lr": lr,
+                    "seed": seed,
                     "steps": step,
+                    **update_norms(unet, method),
                     **scores,
                     "drift": drift(self.base_drift[subject_name], adapted, self.probe),
                     "loss": float(loss),
@@ -140,7 +171,7 @@ class Bench:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                if step == max(args.steps):
+                if step == max(args.steps) and seed == args.seeds[0]:
                     save_grid(
                         pipe, subject, args, args.out / "grids" / f"{subject_name}_{method}_lr{lr:g}.png"
                     )
@@ -149,12 +180,23 @@ class Bench:
 
 
 @torch.no_grad()
+def update_norms(unet: torch.nn.Module, method: str) -> dict:
+    """Ours: the mean and largest |dW|/|W| over the adapted layers (what the relative bound caps)."""
+    if not method.startswith("delora-"):
+        return {}
+    from delora_diffusion import delora_norm_report
+
+    values = [row["relative_delta"] for row in delora_norm_report(unet)]
+    return {"relative_delta_mean": float(np.mean(values)), "relative_delta_max": float(np.max(values))}
+
+
+@torch.no_grad()
 def save_grid(pipe, subject, args, path: Path) -> None:
     """One row: the subject in each background of the validation prompts, fixed seeds."""
     from PIL import Image
 
     prompts = [p for p, _ in subject_prompts(subject)]
-    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+    gens = [torch.Generator().manual_seed(args.eval_seed + i) for i in range(len(prompts))]
     images = pipe(
         prompts, num_inference_steps=args.inference_steps, guidance_scale=5.0, generator=gens
     ).images
@@ -165,30 +207,40 @@ def save_grid(pipe, subject, args, path: Path) -> None:
     grid.save(path)
 
 
+def cell(rows: list[dict], method: str, subject: str, lr: float, steps: int) -> list[dict]:
+    return [
+        r for r in rows if (r["method"], r["subject"], r["lr"], r["steps"]) == (method, subject, lr, steps)
+    ]
+
+
+def mean_sd(rows: list[dict], key: str) -> tuple[float, float]:
+    values = np.array([r[key] for r in rows], dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict], args: argparse.Namespace) -> str:
-    """Markdown tables: per subject and length, one row per method, one column per LR (similarity / drift)."""
+    """Markdown tables: per subject and length, one row per method, one column per LR; mean ± sd over seeds."""
     lines = []
     for subject in args.subjects:
         for steps in args.steps:
             lines += [
-                f"\n**{subject}, {steps} steps** — subject similarity / attributes / background / drift\n"
+                f"\n**{subject}, {steps} steps** — subject similarity / background / drift, mean ± sd (seeds)\n"
             ]
             lines.append("| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |")
             lines.append("| --- |" + " --- |" * len(args.lrs))
             for method in args.methods:
                 cells = []
                 for lr in args.lrs:
-                    match = [
-                        r
-                        for r in rows
-                        if (r["method"], r["subject"], r["lr"], r["steps"]) == (method, subject, lr, steps)
+                    match = cell(rows, method, subject, lr, steps)
+                    if not match:
+                        cells.append("—")
+                        continue
+                    parts = [
+                        mean_sd(match, k) for k in ("subject_similarity", "background_accuracy", "drift")
                     ]
-                    r = match[0] if match else None
                     cells.append(
-                        f"{r['subject_similarity']:.3f} / {r['subject_attributes']:.2f} / "
-                        f"{r['background_accuracy']:.2f} / {r['drift']:.3f}"
-                        if r
-                        else "—"
+                        f"{parts[0][0]:.3f}±{parts[0][1]:.3f} / {parts[1][0]:.2f}±{parts[1][1]:.2f} / "
+                        f"{parts[2][0]:.3f}±{parts[2][1]:.3f} ({len(match)})"
                     )
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -206,13 +258,14 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
         fig, axes = plt.subplots(1, len(args.subjects), figsize=(5 * len(args.subjects), 4), squeeze=False)
         for ax, subject in zip(axes[0], args.subjects):
             for method in args.methods:
-                pts = sorted(
-                    (r["lr"], r[metric])
-                    for r in rows
-                    if r["method"] == method and r["subject"] == subject and r["steps"] == steps
-                )
+                pts = [
+                    (lr, *mean_sd(match, metric))
+                    for lr in args.lrs
+                    if (match := cell(rows, method, subject, lr, steps))
+                ]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=method)
+                    lrs, means, sds = zip(*pts)
+                    ax.errorbar(lrs, means, yerr=sds, marker="o", capsize=3, label=method)
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
             ax.set_ylabel(metric.replace("_", " "))
@@ -229,7 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=default_model_path())
     p.add_argument("--probe", type=Path, default=None, help="default: the bundled probe")
     p.add_argument("--subjects", nargs="+", default=["striped_star", "dotted_square"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS[:4]), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS[:4]), type=method_type)
+    p.add_argument("--targets", default="attention", choices=sorted(TARGET_SETS))
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
     p.add_argument("--steps", nargs="+", type=int, default=[100, 300, 1000])
     p.add_argument("--rank", type=int, default=4)
@@ -238,7 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--per_prompt", type=int, default=2)
     p.add_argument("--inference_steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed and cell")
+    p.add_argument("--eval_seed", type=int, default=0, help="the seed of every evaluation image")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("outputs/benchmarks/quality"))
     p.add_argument("--quick", action="store_true", help="one subject, two LRs, 20/40 steps: a smoke run")
@@ -268,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.from_results:  # no torch work here, so the thread setting below stays untouched
         rows = [r for f in args.from_results for r in read_rows(f)]
         args.subjects = list(dict.fromkeys(r["subject"] for r in rows))
-        args.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        args.methods = list(dict.fromkeys(r["method"] for r in rows))
         args.lrs = sorted({r["lr"] for r in rows})
         args.steps = sorted({r["steps"] for r in rows})
         (args.out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, default=str))
@@ -276,10 +331,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     bench = Bench(args)
     rows: list[dict] = []
-    for subject in args.subjects:
-        for lr in args.lrs:
-            for method in args.methods:  # interleaved, so machine load hits every method alike
-                rows += bench.run(method, subject, lr)
+    for seed in args.seeds:
+        for subject in args.subjects:
+            for lr in args.lrs:
+                for method in args.methods:  # interleaved, so machine load hits every method alike
+                    rows += bench.run(method, subject, lr, seed)
                 (args.out / "results.json").write_text(
                     json.dumps({"args": vars(args), "rows": rows}, default=str)
                 )
@@ -289,7 +345,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def read_rows(path: Path) -> list[dict]:
     """The rows of a results.json this script wrote; a clear error for anything else."""
     try:
-        return json.loads(path.read_text())["rows"]
+        rows = json.loads(path.read_text())["rows"]
+        for row in rows:
+            row.setdefault("seed", 0)  # results from before --seeds: seed 0
+        return rows
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(
             f"--from_results {str(path)!r}: not a results.json of this script ({err})."
