@@ -291,13 +291,13 @@ def test_a_slider_move_is_one_set_delora_scale_call_and_the_report_is_taken_once
     demo = build_ui(service)
     slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "lambda-scale")
     on_slider = _ui_handler(demo, slider)
-    label = next(iter(service.model_labels))
     slots = ["run1", 1.0] + ["", 1.0] * (ADAPTER_SLOTS - 1)
-    service.select(label, [("run1", 1.0)], 1.0)  # choosing the adapter loads it and takes its report
+    service.adapter_info(model, [("run1", 1.0)], 1.0)  # the info panel loads the adapter and takes its report
     assert counts["load_delora_weights"] == 1 and counts["delora_report"] == 1
+    service.generate(_request(tiny["model"], 1.0))
     counts.clear()
     for i, value in enumerate((0.0, 0.35, 2.0, 1.5, 0.7), start=1):
-        text = on_slider(label, value, *slots)
+        text = on_slider(model, value, *slots)
         assert f"λ scale {value:g}" in text
         assert get_delora_scale(pipe.unet) == pytest.approx(value)
         assert counts == Counter({"set_delora_scale": i}), "a slider move is exactly one set_delora_scale"
@@ -306,7 +306,7 @@ def test_a_slider_move_is_one_set_delora_scale_call_and_the_report_is_taken_once
     service.adapter_info(model, [("run1", 0.5)], 1.2)
     assert counts["delora_report"] == 0 and counts["load_delora_weights"] == 0
     service.rescan()
-    service.select(label, [("run1", 1.0)], 1.0)
+    service.adapter_info(model, [("run1", 1.0)], 1.0)
     assert counts["delora_report"] == 1 and counts["load_delora_weights"] == 1
 
 
@@ -582,19 +582,21 @@ def _bad_adapters_dir(tiny: dict[str, Path], tmp_path: Path) -> Path:
 @pytest.fixture
 def bad_dir(tiny, tmp_path: Path, monkeypatch) -> Path:
     """`_bad_adapters_dir`, with ``locked.safetensors`` unreadable even for root (whose reads chmod cannot
-    stop): reading its header fails with the PermissionError a real unreadable file gives."""
-    from delora_diffusion.app import adapters
+    stop): opening it fails with the PermissionError a real unreadable file gives."""
+    import builtins
+    import io
 
     root = _bad_adapters_dir(tiny, tmp_path)
     (root / "locked.safetensors").chmod(0)
-    real = adapters.read_safetensors_header
+    real_open = builtins.open
 
-    def header(path):
-        if Path(path).name == "locked.safetensors":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
+    def guarded_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).name == "locked.safetensors":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(adapters, "read_safetensors_header", header)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)  # what pathlib.Path.open calls
     yield root
     (root / "locked.safetensors").chmod(0o644)
 
@@ -619,10 +621,11 @@ def test_one_bad_entry_never_breaks_listing_rescan_or_generate(tiny, bad_dir: Pa
 
 def test_bad_entries_never_break_startup(tiny, bad_dir: Path, monkeypatch, capsys) -> None:
     from delora_diffusion import app
-    from delora_diffusion.app.ui import problems_text
 
     launched = _fake_launch(monkeypatch)
     app.main(["--model", str(tiny["model"]), "--adapters_dir", str(bad_dir)])
+    from delora_diffusion.app.ui import problems_text
+
     out = capsys.readouterr().out
     assert "1 adapters found" in out and "skipped unreadable entry 'loop': symlink loop" in out
     blocks = {getattr(b, "elem_id", None): b for b in launched["demo"].blocks.values()}
@@ -742,6 +745,11 @@ def test_a_launched_server_refuses_cross_origin_posts(
         assert _post(url, None, body, kind) == 200  # not a browser acting for another site
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
             assert response.status == 200  # reads are untouched
+        rebound = urllib.request.Request(
+            f"http://127.0.0.1:{port}/config", headers={"Host": f"evil.example:{port}"}
+        )
+        with pytest.raises(urllib.error.HTTPError, match="403"):  # DNS rebinding: a foreign Host on loopback
+            urllib.request.urlopen(rebound, timeout=30)
     finally:
         demo.close()
 

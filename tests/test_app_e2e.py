@@ -67,15 +67,18 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         str(root / "adapters" / "sks-dog"), training_args={"learning_rate": 1e-3, "rank": 2}
     )
 
+    os.symlink("loop", root / "adapters" / "loop")  # one bad entry: listed as unreadable, nothing breaks
+    (root / "tmp").mkdir()
     port = _free_port()
     env = os.environ | {
+        "TMPDIR": str(root / "tmp"),  # where the app's own temp dir goes: checked below, after it exits
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
     }
     cmd = [sys.executable, str(REPO / "app" / "app.py"), "--model", str(model), "--device", "cpu"]
-    cmd += ["--adapters_dir", str(root / "adapters"), "--port", str(port), "--steps", "2", "--no_hub_models"]
+    cmd += ["--adapters_dir", str(root / "adapters"), "--port", str(port), "--steps", "2"]
     log = open(root / "server.log", "wb")  # noqa: SIM115  (closed below)
     server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -97,12 +100,14 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
             time.sleep(0.3)
         yield url, root / "adapters"
     finally:
-        server.terminate()
+        server.terminate()  # SIGTERM: the app shuts down cleanly and removes its temp dir
         try:
-            server.wait(timeout=10)
+            server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    left = list((root / "tmp").iterdir())
+    assert not left, f"the app left {left} behind:\n{(root / 'server.log').read_text()}"
 
 
 def _image_pixels(page, elem_id: str) -> np.ndarray:
@@ -161,6 +166,7 @@ def test_app_in_a_real_browser(app_server: tuple[str, Path], tmp_path: Path) -> 
             page.goto(app_url, wait_until="domcontentloaded")
             page.wait_for_selector("#generate", timeout=60_000)
             page.wait_for_function("document.querySelector('#adapter-info').innerText.includes('rank')")
+            assert "symlink loop" in page.inner_text("#adapter-problems")
             page.fill("#prompt textarea", "a photo of sks dog")
 
             slider = page.locator("#lambda-scale input[type=range]")
@@ -212,6 +218,9 @@ def test_app_in_a_real_browser(app_server: tuple[str, Path], tmp_path: Path) -> 
                 timeout=60_000,
             )
             assert page.locator("#adapter-1 input").input_value().startswith("upload:sks-dog-")
+            work = next((adapters_dir.parent / "tmp").glob("delora-app-*"))
+            assert len(list((work / "uploads").iterdir())) == 1  # the validated copy the app loads from
+            assert not list((work / "gradio").rglob("*.safetensors")), "the web server's copy is deleted"
             _generate(page, "λ scale 1.")  # the uploaded adapter is usable, next to the listed one
             assert "upload:sks-dog-" in page.inner_text("#adapter-info")
             assert not np.array_equal(_image_pixels(page, "adapted-image"), adapted1)  # two adapters now

@@ -28,22 +28,32 @@ from .service import DEFAULT_ADAPTERS_DIR, DEFAULT_MAX_UPLOAD_MB, AppService, de
 from .ui import CSS, build_ui, disable_telemetry
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class SameOriginOnly:
     """ASGI middleware: refuse state-changing requests from another origin (CSRF from any web page).
 
     A request without an ``Origin`` header (curl, scripts, the Python client) is not a browser acting for some
-    other page, and passes. `allowed` adds origins (``https://host[:port]``), e.g. a reverse proxy's.
+    other page, and passes. `allowed` adds origins (``https://host[:port]``), e.g. a reverse proxy's. With
+    `loopback_only` (the app bound to loopback), a request whose Host is not a loopback name is refused too:
+    that is a page on another site reaching the app through DNS rebinding.
     """
 
-    def __init__(self, app: Any, allowed: Sequence[str] = ()) -> None:
+    def __init__(self, app: Any, allowed: Sequence[str] = (), loopback_only: bool = False) -> None:
         self.app = app
         self.allowed = {_netloc(o) for o in allowed}
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scope["type"] != "http":  # Gradio serves over HTTP (SSE); lifespan and the like pass
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.loopback_only and _hostname(headers.get("host", "")) not in LOOPBACK_NAMES:
+            await _refuse(send, "This app answers only on its loopback address.")
+            return
+        if scope["method"] not in SAFE_METHODS:
             origin = headers.get("origin")
             if origin is not None:
                 netloc = _netloc(origin)
@@ -51,6 +61,13 @@ class SameOriginOnly:
                     await _refuse(send, f"Cross-origin request refused (Origin {origin[:100]!r}).")
                     return
         await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0]
 
 
 def _netloc(origin: str) -> str:
@@ -174,6 +191,7 @@ def launch_options(service: AppService, args: argparse.Namespace) -> dict[str, A
     """The keyword arguments of ``Blocks.launch``: never shared, the upload limit, the origin guard."""
     from starlette.middleware import Middleware
 
+    loopback = args.host in LOOPBACK_NAMES or args.host.startswith("127.")
     return {
         "server_name": args.host,
         "server_port": args.port,
@@ -182,7 +200,9 @@ def launch_options(service: AppService, args: argparse.Namespace) -> dict[str, A
         "show_error": True,
         "footer_links": [],
         "css": CSS,
-        "app_kwargs": {"middleware": [Middleware(SameOriginOnly, allowed=args.allowed_origin)]},
+        "app_kwargs": {
+            "middleware": [Middleware(SameOriginOnly, allowed=args.allowed_origin, loopback_only=loopback)]
+        },
     }
 
 
