@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,9 +48,10 @@ def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> li
 
 
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is nearest the image's (`size` is PIL's (width, height))."""
-    ratio = size[0] / size[1]
-    return min(buckets, key=lambda wh: (abs(wh[0] / wh[1] - ratio), -wh[0] * wh[1]))
+    """The bucket whose aspect ratio is nearest the image's (`size` is PIL's (width, height)), compared as
+    log ratios so that portrait and landscape images are treated alike."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - ratio), -wh[0] * wh[1]))
 
 
 def cover_and_crop(

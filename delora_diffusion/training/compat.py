@@ -28,7 +28,8 @@ REFUSED: dict[str, str] = {
     "validation_images": "it feeds image-conditioned pipelines (image variation, upscalers); this script "
     "trains text-to-image models. Use --validation_prompt (and --extra_validation_prompts).",
     "class_labels_conditioning": "it is for UNets with class-label embeddings (DeepFloyd IF stage II), "
-    "which this script does not train (SD1.x/2.x, SDXL, SD3, Flux).",
+    "which this script does not train; pass an SD1.x/2.x, SDXL, SD3 or Flux pipeline as "
+    "--pretrained_model_name_or_path.",
     "do_edm_style_training": "EDM-style preconditioning (Playground v2.5) is not implemented; SDXL trains "
     "with its scheduler's epsilon / v objective (--snr_gamma for min-SNR weighting).",
 }

@@ -39,19 +39,20 @@ def repo_name(args: argparse.Namespace) -> str:
 
 def push_to_hub(args: argparse.Namespace, logging_dir: str | None = None) -> str:
     """Create the repo (if needed) and upload the output dir; returns the repo id."""
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)  # built now, so it reads HF_ENDPOINT as set for this run
 
     ignore = list(IGNORE_PATTERNS)
     logging_dir = logging_dir or getattr(args, "logging_dir", None)
     if logging_dir:
         ignore += [f"{logging_dir}/*", f"{logging_dir}/**"]
-    repo_id = create_repo(repo_name(args), exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(
+    repo_id = api.create_repo(repo_name(args), exist_ok=True).repo_id
+    api.upload_folder(
         repo_id=repo_id,
         folder_path=str(args.output_dir),
         commit_message="End of training",
         ignore_patterns=ignore,
-        token=args.hub_token,
     )
     logger.info("Pushed %s to the Hub repo %s", args.output_dir, repo_id)
     return repo_id
