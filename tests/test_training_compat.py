@@ -462,6 +462,10 @@ def test_model_card_is_hub_ready(tmp_path):
         write_model_card(args, "StableDiffusionPipeline", None, out, {}, 1).read_text().split("---")[1]
     )
     assert "base_model" not in data and data["license"] == "mit"  # a local path is not a Hub id
+    assert (
+        str(tmp_path) not in (out / "README.md").read_text()
+        and "`my-model (a local model)`" in (out / "README.md").read_text()
+    )
 
 
 # --- item 2: --push_to_hub against a local endpoint -------------------------------------------------------
@@ -566,7 +570,8 @@ def test_push_to_hub_sends_the_output_dir(tmp_path, fake_hub):
     assert all(h.get("authorization") == "Bearer hf_test" for m, _, h in fake_hub.requests if m == "POST")
 
     args = parse_args([*base, "--hub_model_id", "org/custom"])
-    assert push_to_hub(args) == "org/custom"
+    seen = []
+    assert push_to_hub(args, before_upload=seen.append) == "org/custom" and seen == ["org/custom"]
     args = parse_args([*base, "--hub_token", "hf_test", "--report_to", "wandb"])
     with pytest.raises(TrainingConfigError, match="hf auth login"):
         check_hub_args(args)

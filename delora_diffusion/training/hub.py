@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .util import TrainingConfigError
 
@@ -37,8 +39,15 @@ def repo_name(args: argparse.Namespace) -> str:
     return args.hub_model_id or Path(args.output_dir).resolve().name
 
 
-def push_to_hub(args: argparse.Namespace, logging_dir: str | None = None) -> str:
-    """Create the repo (if needed) and upload the output dir; returns the repo id."""
+def push_to_hub(
+    args: argparse.Namespace,
+    logging_dir: str | None = None,
+    before_upload: Callable[[str], Any] | None = None,
+) -> str:
+    """Create the repo (if needed) and upload the output dir; returns the repo id.
+
+    `before_upload(repo_id)` runs once the repo id is known (e.g. to name it in the model card's usage).
+    """
     from huggingface_hub import HfApi
 
     api = HfApi(token=args.hub_token)  # built now, so it reads HF_ENDPOINT as set for this run
@@ -48,6 +57,8 @@ def push_to_hub(args: argparse.Namespace, logging_dir: str | None = None) -> str
     if logging_dir:
         ignore += [f"{logging_dir}/*", f"{logging_dir}/**"]
     repo_id = api.create_repo(repo_name(args), exist_ok=True).repo_id
+    if before_upload is not None:
+        before_upload(repo_id)
     api.upload_folder(
         repo_id=repo_id,
         folder_path=str(args.output_dir),

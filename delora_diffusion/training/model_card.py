@@ -39,9 +39,11 @@ def base_model_name(args: argparse.Namespace) -> tuple[str, str | None]:
     """(how to name the base model in text, the hub id for ``base_model`` or None for local models)."""
     if getattr(args, "embedded", False):
         return "the bundled tiny model of delora-diffusion", None
-    name = str(getattr(args, "base_model_as_given", None) or args.pretrained_model_name_or_path)
+    name = str(args.pretrained_model_name_or_path)
     local = Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
-    return name, None if local or not HUB_ID.match(name) else name
+    if local or not HUB_ID.match(name):  # a local model: its folder name only (cards are shared)
+        return f"{Path(name).expanduser().resolve().name} (a local model)", None
+    return name, name
 
 
 def license_fields(args: argparse.Namespace, family: str | None) -> dict[str, str]:
@@ -142,7 +144,8 @@ def model_card_text(
 
     base_text, hub_id = base_model_name(args)
     prompt = args.validation_prompt or args.instance_prompt
-    adapter = repo_id or str(args.output_dir)
+    typed = str(args.output_dir)
+    adapter = repo_id or (typed if not Path(typed).is_absolute() else f"path/to/{Path(typed).name}")
     base_for_code = "path/to/base-model" if getattr(args, "embedded", False) else (hub_id or base_text)
     family = family or _family_of(pipeline_class)
     size = f", height={args.resolution}, width={args.resolution}"
