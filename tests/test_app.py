@@ -785,3 +785,7 @@ def test_the_info_panel_and_messages_show_no_absolute_local_paths(tiny, tmp_path
     (adapters / "bad" / "delora_weights.safetensors").write_bytes(b"\x00" * 9)
     svc.rescan()
     assert str(adapters) not in svc.unreadable["bad"]
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(AppError, match="'not-a-model'") as exc:
+        AppService([str(tmp_path / "not-a-model")]).pipeline("not-a-model")
+    assert str(tmp_path) not in str(exc.value)

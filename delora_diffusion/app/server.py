@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .inputs import DEFAULT_MAX_WORK, GUIDANCE_RANGE, STEPS_RANGE, AppError, clamp_number
-from .service import DEFAULT_ADAPTERS_DIR, DEFAULT_MAX_UPLOAD_MB, AppService, default_device
+from .service import DEFAULT_ADAPTERS_DIR, DEFAULT_MAX_UPLOAD_MB, AppService
 from .ui import CSS, build_ui, disable_telemetry
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Another origin allowed to post (e.g. https://proxy.example:443 in front of the app); repeatable.",
     )
     return parser
+
+
+def default_device() -> str:
+    """cuda, else mps, else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:

@@ -90,17 +90,6 @@ class _Active:
     scale: float | None
 
 
-def default_device() -> str:
-    """cuda, else mps, else cpu."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def _model_labels(models: Sequence[str]) -> dict[str, str]:
     """label -> model: a hub id as itself, a local path by its folder name (made unique)."""
     labels: dict[str, str] = {}
@@ -214,7 +203,10 @@ class AppService:
         try:
             pipe = DiffusionPipeline.from_pretrained(model, dtype=self.dtype)
         except (OSError, ValueError) as err:
-            raise AppError(self._public(f"Could not load model {model!r}: {err}")) from err
+            shown = next((label for label, m in self.model_labels.items() if m == model), model)
+            paths = {Path(model): shown, Path(model).resolve(): shown}
+            text = scrub_paths(str(err), paths) if shown != model else str(err)
+            raise AppError(self._public(f"Could not load model {shown!r}: {text}")) from err
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
