@@ -174,8 +174,11 @@ def test_sd_prior_preservation_text_encoder_checkpoint_resume(models, instance_d
 
     keys = load_file(out / "delora_weights.safetensors").keys()
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
-    meta = json.dumps(metadata(out / "delora_weights.safetensors"))
-    assert str(Path(models["sd"]).resolve()) in meta and str(instance_dir.resolve()) in meta
+    meta = json.dumps(metadata(out / "delora_weights.safetensors"))  # shareable: no local paths
+    assert str(Path(models["sd"]).resolve()) not in meta and str(instance_dir.resolve()) not in meta
+    assert (
+        str(instance_dir.resolve()) in (out / "training_args.json").read_text()
+    )  # the local record has them
 
     resumed = launch(*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
     assert "Resuming from" in resumed.stderr + resumed.stdout
@@ -190,23 +193,6 @@ def test_family_runs_and_reloads(family, models, instance_dir, tmp_path):
     launch(*common(models[family], instance_dir, out, family), "--max_train_steps", "2", *validation_flags())
     assert (out / "validation" / "lambda_sweep.png").is_file()
     assert_adapter_changes_output(models[family], out, family)
-
-
-def test_non_finite_loss_stops_and_keeps_checkpoint(models, instance_dir, tmp_path, capsys):
-    """In-process (same main as the script): a huge learning rate blows lambda up after the first step."""
-    out = tmp_path / "out"
-    args = common(models["sd"], instance_dir, out, "sd") + [
-        "--learning_rate",
-        "1e30",
-        "--max_grad_norm",
-        "1e30",
-    ]
-    code, err = run_main([*args, "--max_train_steps", "30", "--checkpointing_steps", "1"], capsys)
-    assert code == 1 and "non-finite" in err and "5 steps in a row" in err, err
-    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-1"] and "checkpoint-1" in err  # the last good one, intact
-    assert (out / "checkpoint-1" / "delora_state.safetensors").is_file()
-    assert not (out / "delora_weights.safetensors").exists()
 
 
 DDP_WRAPPER = """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -56,6 +57,13 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
     code = main(argv)
     captured = capsys.readouterr()
     return code, captured.err + captured.out
+
+
+def last_good(err: str) -> str:
+    """The checkpoint a divergence error names as the last good one (its folder name)."""
+    match = re.search(r"Last good checkpoint: (\S+) \(left intact\)", err)
+    assert match, err
+    return Path(match.group(1)).name
 
 
 def manifest(folder: Path) -> dict:
@@ -104,8 +112,9 @@ def test_runs_resume_final_step_and_checkpoints_tied_to_their_run(
     assert json.loads((out / "training_args.json").read_text())["instance_data_dir"] == str(
         instance_dir.resolve()
     )
-    mode = stat.S_IMODE((out / "training_args.json").stat().st_mode)
-    assert mode == 0o666 & ~_umask(), oct(mode)
+    for name in ("training_args.json", "delora_weights.safetensors", "README.md"):  # not mkstemp's 0600
+        mode = stat.S_IMODE((out / name).stat().st_mode)
+        assert mode == 0o666 & ~_umask(), (name, oct(mode))
 
     code, log = run_main([*run_a, "--resume_from_checkpoint", "latest"], capsys)
     assert code == 0 and "nothing left to train" in caplog.text
@@ -156,7 +165,7 @@ def test_guard_stops_on_absurd_lambda_before_saving_it(sd_model, instance_dir, t
     code, err = run_main([*argv, "--max_train_steps", "30", "--checkpointing_steps", "1"], capsys)
     assert code == 1 and "adapter diverged" in err and "unet." in err, err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert "Last good checkpoint: " in err and err.rstrip().endswith("checkpoint-1 (left intact).")
+    assert last_good(err) == "checkpoint-1"
     assert not (out / "delora_weights.safetensors").exists()
 
 
@@ -176,7 +185,7 @@ def test_non_finite_loss_skips_then_stops(sd_model, instance_dir, tmp_path, caps
     argv = flags(sd_model, instance_dir, out, "--max_train_steps", "30", "--checkpointing_steps", "1")
     code, err = run_main(argv, capsys)
     assert code == 1 and "non-finite" in err and "5 steps in a row" in err, err
-    assert err.rstrip().endswith("checkpoint-1 (left intact).")
+    assert last_good(err) == "checkpoint-1"
 
 
 # --- checkpoint mechanics ----------------------------------------------------------------------------------
@@ -195,7 +204,11 @@ class FakeAccelerator:
         (Path(folder) / checkpointing.STATE_FILE).write_bytes(os.urandom(64))
 
 
-IDENTITY = checkpointing.RunIdentity("run-a", {"unet.x.delora_A": [2, 8]})
+SHAPES = {"unet.x.delora_A": [2, 8]}
+
+
+def identity(run_id: str = "run-a") -> checkpointing.RunIdentity:
+    return checkpointing.RunIdentity(run_id, SHAPES)
 
 
 def test_checkpoint_replace_survives_a_kill_at_every_point(tmp_path, monkeypatch):
@@ -205,7 +218,7 @@ def test_checkpoint_replace_survives_a_kill_at_every_point(tmp_path, monkeypatch
     real_replace, real_rmtree = os.replace, shutil.rmtree
     for renames_before_kill in (0, 1, 2):
         out = tmp_path / f"kill{renames_before_kill}"
-        checkpointing.save_checkpoint(accelerator, out, 3, IDENTITY)
+        checkpointing.save_checkpoint(accelerator, out, 3, identity())
         old_state = (out / "checkpoint-3" / checkpointing.STATE_FILE).read_bytes()
         done = []
 
@@ -224,7 +237,7 @@ def test_checkpoint_replace_survives_a_kill_at_every_point(tmp_path, monkeypatch
         monkeypatch.setattr(checkpointing.os, "replace", dying_replace)
         monkeypatch.setattr(checkpointing.shutil, "rmtree", dying_rmtree)
         with pytest.raises(KeyboardInterrupt):
-            checkpointing.save_checkpoint(accelerator, out, 3, IDENTITY)
+            checkpointing.save_checkpoint(accelerator, out, 3, identity())
         monkeypatch.setattr(checkpointing.os, "replace", real_replace)
         monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
         assert checkpointing.resolve_resume("latest", out).name == "checkpoint-3"  # before recovery, too
@@ -240,15 +253,15 @@ def test_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path, caplog):
     """A checkpoint-N left partial (no manifest, or a truncated file) is never picked by `latest` (13.5)."""
     out = tmp_path / "out"
     accelerator = FakeAccelerator()
-    checkpointing.save_checkpoint(accelerator, out, 3, IDENTITY)
-    checkpointing.save_checkpoint(accelerator, out, 4, IDENTITY)
+    checkpointing.save_checkpoint(accelerator, out, 3, identity())
+    checkpointing.save_checkpoint(accelerator, out, 4, identity())
     (out / "checkpoint-5").mkdir()  # the rmtree-then-rename of old versions could leave this
     (out / "checkpoint-5" / checkpointing.STATE_FILE).write_bytes(b"partial")
     state = out / "checkpoint-4" / checkpointing.STATE_FILE
     state.write_bytes(state.read_bytes()[:10])  # truncated after its manifest was written
     assert checkpointing.resolve_resume("latest", out).name == "checkpoint-3"
     with caplog.at_level(logging.WARNING):
-        chosen = checkpointing.choose_resume("latest", out, IDENTITY.shapes)
+        chosen = checkpointing.choose_resume("latest", out, SHAPES)
     assert chosen.path.name == "checkpoint-3"
     assert "checkpoint-5: no delora_checkpoint.json" in caplog.text and "checkpoint-4: " in caplog.text
     with pytest.raises(TrainingConfigError, match="is incomplete"):
@@ -258,13 +271,13 @@ def test_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path, caplog):
 def test_prune_keeps_other_runs_and_the_newest_of_this_one(tmp_path):
     out = tmp_path / "out"
     accelerator = FakeAccelerator()
-    other = checkpointing.RunIdentity("run-old", IDENTITY.shapes)
+    other = identity("run-old")
     for step in (500, 1000):
         checkpointing.save_checkpoint(accelerator, out, step, other)
     for step in (100, 200):
-        checkpointing.save_checkpoint(accelerator, out, step, IDENTITY, total_limit=1)
+        checkpointing.save_checkpoint(accelerator, out, step, identity(), total_limit=1)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1000", "checkpoint-200", "checkpoint-500"]
-    assert checkpointing.choose_resume("latest", out, IDENTITY.shapes).path.name == "checkpoint-200"
+    assert checkpointing.choose_resume("latest", out, SHAPES).path.name == "checkpoint-200"
 
 
 # --- data and paths (fail before any model loads) ----------------------------------------------------------

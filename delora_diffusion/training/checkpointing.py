@@ -231,12 +231,12 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if resume == "latest":
         if not complete:
             skipped = (
-                f" ({len(incomplete)} incomplete one(s) skipped: {_describe(incomplete)})"
+                f" that is complete ({len(incomplete)} incomplete one(s) skipped: {_describe(incomplete)})"
                 if incomplete
                 else ""
             )
             raise TrainingConfigError(
-                f"--resume_from_checkpoint latest: there is no complete checkpoint-N directory in "
+                f"--resume_from_checkpoint latest: there is no checkpoint-N directory in "
                 f"{str(output_dir)!r} to resume from{skipped}. Drop the flag to start a new run."
             )
         return complete[-1].path

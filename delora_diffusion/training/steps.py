@@ -183,7 +183,7 @@ def accumulate(run: Run, batch: dict, trainable: list[nn.Module], encoders: dict
     return accelerator.sync_gradients
 
 
-def skip_bad_update(run: Run, progress: Any) -> None:
+def skip_bad_update(run: Run) -> None:
     """Count a window whose loss was non-finite (its update was skipped); stop after too many in a row."""
     state = run.state
     state.bad_in_window = False
@@ -193,7 +193,6 @@ def skip_bad_update(run: Run, progress: Any) -> None:
         "Non-finite loss at step %d: update skipped (%d in a row).", run.global_step + 1, state.bad_in_row
     )
     if state.bad_in_row >= MAX_BAD_STEPS:
-        progress.close()
         raise stop(
             run,
             run.global_step,
@@ -259,29 +258,31 @@ def train_steps(run: Run) -> None:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    for epoch in range(run.first_epoch, run.num_epochs):
-        for model in trainable:
-            model.train()
-        batches = run.loader
-        if epoch == run.first_epoch and run.skip_batches:
-            batches = accelerator.skip_first_batches(run.loader, run.skip_batches)
-        for batch in batches:
-            if not accumulate(run, batch, trainable, encoders):
-                continue
-            if run.state.bad_in_window:
-                skip_bad_update(run, progress)
-                continue
-            after_update(run, progress)
-            if run.global_step >= args.max_train_steps:
+    try:
+        for epoch in range(run.first_epoch, run.num_epochs):
+            for model in trainable:
+                model.train()
+            batches = run.loader
+            if epoch == run.first_epoch and run.skip_batches:
+                batches = accelerator.skip_first_batches(run.loader, run.skip_batches)
+            for batch in batches:
+                if not accumulate(run, batch, trainable, encoders):
+                    continue
+                if run.state.bad_in_window:
+                    skip_bad_update(run)
+                    continue
+                after_update(run, progress)
+                if run.global_step >= args.max_train_steps:
+                    break
+            done = run.global_step >= args.max_train_steps
+            if (
+                args.validation_prompt
+                and args.validation_epochs
+                and (epoch + 1) % args.validation_epochs == 0
+                and not done
+            ):
+                validate(run, f"epoch-{epoch + 1}", run.global_step)
+            if done:
                 break
-        done = run.global_step >= args.max_train_steps
-        if (
-            args.validation_prompt
-            and args.validation_epochs
-            and (epoch + 1) % args.validation_epochs == 0
-            and not done
-        ):
-            validate(run, f"epoch-{epoch + 1}", run.global_step)
-        if done:
-            break
-    progress.close()
+    finally:
+        progress.close()
