@@ -310,6 +310,31 @@ def test_a_slider_move_is_one_set_delora_scale_call_and_the_report_is_taken_once
     assert counts["delora_report"] == 1 and counts["load_delora_weights"] == 1
 
 
+def test_a_slider_move_never_waits_for_a_running_generation(service: AppService, tiny, monkeypatch) -> None:
+    """Every generation sets its own λ under the lock, so a move made meanwhile need not queue behind it."""
+    model = str(tiny["model"])
+    service.generate(_request(tiny["model"], 1.0))
+    counts = _count_calls(monkeypatch, service.pipeline(model), PIPE_CALLS)
+    held, release = threading.Event(), threading.Event()
+
+    def generation() -> None:
+        with service._lock:
+            held.set()
+            release.wait(timeout=30)
+
+    thread = threading.Thread(target=generation)
+    thread.start()
+    try:
+        assert held.wait(timeout=30)
+        assert service.set_scale(model, [("run1", 1.0)], 0.25) == 0.25  # returns at once
+        assert counts == Counter()
+    finally:
+        release.set()
+        thread.join(timeout=30)
+    result = service.generate(_request(tiny["model"], 0.25))
+    assert "λ scale 0.25" in result.message and counts["set_delora_scale"] == 1
+
+
 @pytest.mark.parametrize(("weight", "scale"), [(1.0, 1.0), (0.5, 1.5), (2.0, 0.3)])
 def test_the_cached_report_is_the_live_report_at_any_weight_and_scale(
     service: AppService, tiny, weight: float, scale: float
