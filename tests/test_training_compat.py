@@ -353,7 +353,11 @@ def test_buckets_batches_and_sdxl_time_ids(caplog):
         dataset, _ = make_dataset(examples_of(sizes, 32), None, args)
     assert "--random_flip and random crop are off" in caplog.text and "--no_cache_latents" in caplog.text
     dataset.cache_latents(lambda px: px[:, :1])
-    assert {tuple(v.shape) for v in dataset.latent_cache.values()} == {(1, 16, 48), (1, 32, 32), (1, 48, 16)}
+    assert {tuple(v.shape) for v, _ in dataset.latent_cache.values()} == {
+        (1, 16, 48),
+        (1, 32, 32),
+        (1, 48, 16),
+    }
     assert "latent_params" in dataset[0]["instance"] and "pixel_values" not in dataset[0]["instance"]
 
 
@@ -575,3 +579,141 @@ def test_push_to_hub_sends_the_output_dir(tmp_path, fake_hub):
     args = parse_args([*base, "--hub_token", "hf_test", "--report_to", "wandb"])
     with pytest.raises(TrainingConfigError, match="hf auth login"):
         check_hub_args(args)
+
+
+# --- real runs: the pieces together through accelerate launch ---------------------------------------------
+
+SCRIPT = ROOT / "train_scripts" / "dreambooth_delora.py"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH += ["--num_cpu_threads_per_process", "2"]
+
+
+def launch(args: list[str], extra_env: dict[str, str] | None = None) -> str:
+    import os
+    import subprocess
+
+    env = dict(
+        os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", HF_HUB_DISABLE_TELEMETRY="1"
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra_env or {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([*LAUNCH, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return proc.stderr
+
+
+def run_flags(model: Path, out: Path, resolution: int) -> list[str]:
+    flags = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out)]
+    flags += ["--instance_prompt", "a photo of sks dog", "--resolution", str(resolution), "--rank", "2"]
+    flags += [
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--seed",
+        "0",
+        "--max_sequence_length",
+        "16",
+    ]
+    return flags + ["--enable_bucket", "--min_bucket_reso", "16", "--bucket_reso_steps", "16"]
+
+
+def test_launch_sdxl_dataset_buckets_tensorboard_exports_card_hub(sdxl_model, tmp_path):
+    """One SDXL run with what a diffusers user brings: an imagefolder dataset with captions, tensorboard
+    (the default tracker) and a validation prompt, kohya output and a push to a (local) hub; plus buckets."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    import delora_diffusion  # noqa: F401
+
+    folder = tmp_path / "dogs"
+    names = write_images(folder, [(48, 24), (24, 48), (32, 32), (50, 25)])
+    lines = [json.dumps({"file_name": n, "text": f"a dog number {i}"}) for i, n in enumerate(names)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sdxl-out"
+    prompt = 'a "sks" dog\'s photo'
+    flags = run_flags(sdxl_model, out, 32) + ["--dataset_name", str(folder), "--caption_column", "text"]
+    flags += ["--cache_dir", str(tmp_path / "cache"), "--image_interpolation_mode", "lanczos"]
+    flags += ["--max_train_steps", "3", "--train_text_encoder", "--caption_dropout_rate", "0.3"]
+    flags += [
+        "--validation_prompt",
+        prompt,
+        "--num_validation_images",
+        "2",
+        "--validation_inference_steps",
+        "2",
+    ]
+    flags += ["--output_kohya_format", "--push_to_hub", "--hub_token", "hf_test", "--lora_dropout", "0.0"]
+    hub = FakeHub()
+    try:
+        stderr = launch(flags, {"HF_ENDPOINT": hub.url, "HF_DATASETS_OFFLINE": "1"})
+    finally:
+        hub.close()
+    assert "Aspect-ratio buckets (w x h) in use: 16x48, 32x32, 48x16" in stderr
+    assert "Prepended the trigger word 'sks dog' to 4 caption(s)" in stderr
+
+    events = read_events(out / "logs" / "dreambooth-delora")
+    assert {"validation/0", "validation/1", "lambda_sweep/0"} <= set(events["images"])
+    assert [e.step for e in events["acc"].Scalars("loss")] == [1, 2, 3]
+    sweep = events["acc"].Images("lambda_sweep/0")[0]
+    assert (sweep.width, sweep.height) == (2 * 32, 4 * 32)  # 2 images per row, 4 lambda scales
+
+    files = {p.name for p in out.iterdir()}
+    expected = {"delora_weights.safetensors", "pytorch_lora_weights.safetensors", "README.md", "image_0.png"}
+    assert expected | {"pytorch_lora_weights_kohya.safetensors", "training_args.json"} <= files
+    card = ModelCard.load(out / "README.md")
+    header = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert header["widget"][0]["text"] == prompt == card.data.widget[0]["text"]
+    assert "someone/sdxl-out" in card.text  # the pushed repo id in the usage
+    assert {
+        "README.md",
+        "pytorch_lora_weights.safetensors",
+        "delora_weights.safetensors",
+        "image_1.png",
+    } <= set(hub.files)
+    assert not any(name.startswith(("checkpoint-", "logs/")) for name in hub.files)
+
+    delora = tp.load_pipeline(sdxl_model)
+    base = tp.run(delora, "sdxl")
+    delora.load_delora_weights(str(out))
+    expected_images = tp.run(delora, "sdxl")
+    lora = tp.load_pipeline(sdxl_model)
+    lora.load_lora_weights(str(out))  # diffusers' own loader on the output dir, UNet and both CLIPs
+    assert np.abs(expected_images - base).max() > 1e-4
+    np.testing.assert_allclose(tp.run(lora, "sdxl"), expected_images, atol=2e-4)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_launch_flow_models_with_buckets_and_lora_layers(family, tmp_path):
+    """SD3 and Flux train on buckets (cached latents with SD3), with diffusers' --lora_layers / --lora_blocks."""
+    from safetensors.torch import load_file
+
+    model = tp.MAKERS[family](tmp_path / family)
+    folder = tmp_path / "images"
+    write_images(folder, [(64, 32), (32, 64), (40, 40), (66, 30)])
+    out = tmp_path / "out"
+    res = 32
+    flags = run_flags(model, out, res) + ["--instance_data_dir", str(folder), "--max_train_steps", "2"]
+    flags += ["--report_to", "none", "--class_prompt", "a photo of dog"]
+    if family == "sd3":
+        flags += [
+            "--lora_layers",
+            "attn.to_q,attn.to_v",
+            "--lora_blocks",
+            "0",
+            "--cache_latents",
+            "--random_flip",
+        ]
+    else:
+        flags += ["--lora_layers", "attn.to_k", "--bucket_reso_steps", "32", "--min_bucket_reso", "32"]
+    stderr = launch(flags)
+    assert "Aspect-ratio buckets" in stderr
+    if family == "sd3":
+        assert "--random_flip and random crop are off" in stderr
+    layers = {k.split(".delora_")[0] for k in load_file(out / "delora_weights.safetensors")}
+    suffixes = {name.rsplit(".", 1)[-1] for name in layers}
+    assert suffixes == ({"to_q", "to_v"} if family == "sd3" else {"to_k"}), layers
+    if family == "sd3":
+        assert all(".transformer_blocks.0." in f".{name}" for name in layers), layers
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

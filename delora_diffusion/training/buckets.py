@@ -96,7 +96,8 @@ class BucketDataset(torch.utils.data.Dataset):
         self.buckets = buckets
         self.bucket_of = [nearest_bucket(e.image.size, buckets) for e in self.instances]
         self.center_crop, self.random_flip, self.resample = center_crop, random_flip, resample
-        self.latent_cache: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
+        # (id(example), bucket) -> (VAE posterior parameters, the center crop's (top, left))
+        self.latent_cache: dict[tuple[int, tuple[int, int]], tuple[torch.Tensor, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -112,8 +113,9 @@ class BucketDataset(torch.utils.data.Dataset):
         for example, bucket in self.pairs():
             key = (id(example), bucket)
             if key not in self.latent_cache:
-                pixels = self.transform(example, bucket, augment=False)["pixel_values"]
-                self.latent_cache[key] = encode(pixels[None])[0].float().cpu()
+                item = self.transform(example, bucket, augment=False)
+                latents = encode(item["pixel_values"][None])[0].float().cpu()
+                self.latent_cache[key] = (latents, item["crop_top_left"])
 
     def transform(self, example: data.Example, bucket: tuple[int, int], augment: bool = True) -> dict:
         flip = augment and self.random_flip and random.random() < 0.5
@@ -131,10 +133,13 @@ class BucketDataset(torch.utils.data.Dataset):
         cached = self.latent_cache.get((id(example), bucket))
         if cached is None:
             return self.transform(example, bucket)
-        item = self.transform(example, bucket, augment=False)
-        item["latent_params"] = cached
-        del item["pixel_values"]
-        return item
+        return {
+            "latent_params": cached[0],
+            "prompt": example.prompt,
+            "original_size": example.original_size,
+            "crop_top_left": cached[1],
+            "target_size": (bucket[1], bucket[0]),
+        }
 
     def __getitem__(self, index: int) -> dict:
         bucket = self.bucket_of[index]

@@ -190,7 +190,12 @@ def apply_trigger(examples: list[data.Example], trigger: str) -> int:
             example.prompt = f"{trigger}, {example.prompt}" if example.prompt else trigger
             changed += 1
     if changed:
-        logger.info("Prepended the trigger word %r to %d caption(s) that lacked it.", trigger, changed)
+        # A warning, not info: it changes the user's captions (and runs before logging is configured).
+        logger.warning(
+            "Prepended the trigger word %r to %d caption(s) that lacked it (--trigger_word '' turns this off).",
+            trigger,
+            changed,
+        )
     return changed
 
 
