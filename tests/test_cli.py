@@ -131,3 +131,130 @@ def test_console_script_reads_a_hub_id_from_an_offline_cache(trained, tmp_path, 
     assert json.loads(capsys.readouterr().out)["metadata"]["components"] == ["unet", "text_encoder"]
     assert cli.main(["inspect", "someone/absent"]) == cli.EXIT_ERROR
     assert "Could not get a DeLoRA adapter from 'someone/absent'" in capsys.readouterr().err
+
+
+# --- outputs: clear errors, atomic writes, no silent overwrites (issue 13 item 9) ---------------------------
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_unwritable_outputs_give_a_clear_error_in_every_writing_command(trained, tmp_path, capsys):
+    """An output under a regular file cannot be created (root ignores permission bits, so this is the
+    unwritable case every user can hit): each command says so in one line, exit 1, no traceback."""
+    adapter = str(trained("sd").adapter_dir)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for argv in (
+        ["export-lora", adapter, str(blocker / "x.safetensors")],
+        ["export-peft", adapter, str(blocker / "peft")],
+        ["merge", "--base", str(trained("sd").base_dir), "--adapter", adapter, "--out", str(blocker / "m")],
+    ):
+        code, err = _run(argv, capsys)
+        assert code == cli.EXIT_ERROR, argv
+        assert "error: cannot use" in err and "a_file" in err and "Traceback" not in err, err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_permission_denied_is_a_clear_error(trained, tmp_path, capsys, monkeypatch):
+    """A PermissionError from the write itself (a read-only folder for a non-root user) reads the same way."""
+    import os
+
+    real = os.replace
+
+    def deny(src, dst):
+        if str(dst).startswith(str(tmp_path / "ro")):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", deny)
+    code, err = _run(
+        ["export-lora", str(trained("sd").adapter_dir), str(tmp_path / "ro" / "x.safetensors")], capsys
+    )
+    assert code == cli.EXIT_ERROR and "Permission denied" in err and "Traceback" not in err
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ro").iterdir())
+
+
+def test_outputs_are_not_overwritten_without_the_flag(trained, tmp_path, capsys):
+    adapter = trained("sd").adapter_dir
+    out = tmp_path / "lora.safetensors"
+    assert cli.main(["export-lora", str(adapter), str(out)]) == 0
+    first = out.read_bytes()
+    code, err = _run(["export-lora", str(adapter), str(out), "--scale", "0.5"], capsys)
+    assert code == cli.EXIT_ERROR and "already exists; pass --overwrite" in err
+    assert out.read_bytes() == first
+    assert cli.main(["export-lora", str(adapter), str(out), "--scale", "0.5", "--overwrite"]) == 0
+    assert out.read_bytes() != first
+    # the adapter itself is never the output, with or without --overwrite
+    copy = tmp_path / "x.safetensors"
+    shutil.copy(adapter / io.WEIGHT_NAME, copy)
+    for extra in ([], ["--overwrite"]):
+        code, err = _run(["export-lora", str(copy), str(copy), *extra], capsys)
+        assert code == cli.EXIT_ERROR and ("over its input" in err or "already exists" in err)
+    assert copy.read_bytes() == (adapter / io.WEIGHT_NAME).read_bytes()
+    code, err = _run(["export-lora", str(copy), str(copy), "--overwrite"], capsys)
+    assert "Refusing to write the export over its input" in err
+
+
+def test_export_peft_is_atomic_and_refuses_a_non_empty_dir(trained, tmp_path, capsys, monkeypatch):
+    adapter = str(trained("sd").adapter_dir)
+    out = tmp_path / "peft"
+    from delora_diffusion import export
+
+    calls = []
+    real = io.write_safetensors_atomic
+
+    def fail_on_second(path, tensors, metadata):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(export.io, "write_safetensors_atomic", fail_on_second)
+    code, err = _run(["export-peft", adapter, str(out)], capsys)
+    assert code == cli.EXIT_ERROR and "No space left on device" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no temp folder left
+    monkeypatch.undo()
+    assert cli.main(["export-peft", adapter, str(out)]) == 0
+    assert sorted(p.name for p in (out / "unet").iterdir()) == [io.PEFT_CONFIG_NAME, io.PEFT_WEIGHT_NAME]
+    code, err = _run(["export-peft", adapter, str(out)], capsys)
+    assert code == cli.EXIT_ERROR and "is not empty; pass --overwrite" in err
+    (out / "unet" / "stale.txt").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["export-peft", adapter, str(out), "--overwrite"]) == 0
+    assert not (out / "unet" / "stale.txt").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_merge_refuses_a_non_empty_dir_and_replaces_it_whole(trained, tmp_path, capsys):
+    t = trained("sd")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    argv = ["merge", "--base", str(t.base_dir), "--adapter", str(t.adapter_dir), "--out", str(out)]
+    code, err = _run(argv, capsys)
+    assert code == cli.EXIT_ERROR and "is not empty; pass --overwrite" in err
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert not (out / "stale.bin").exists() and (out / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+@pytest.mark.parametrize("command", ["inspect", "export-lora", "merge"])
+def test_non_finite_scale_exits_non_zero(command, trained, tmp_path, capsys):
+    adapter = str(trained("sd").adapter_dir)
+    argv = {
+        "inspect": ["inspect", adapter],
+        "export-lora": ["export-lora", adapter, str(tmp_path / "l.safetensors")],
+        "merge": [
+            "merge",
+            "--base",
+            str(trained("sd").base_dir),
+            "--adapter",
+            adapter,
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    }[command]
+    for value in ("nan", "inf"):
+        code, err = _run([*argv, "--scale", value], capsys)
+        assert code == cli.EXIT_ERROR and "--scale must be a finite number" in err
+    assert list(tmp_path.iterdir()) == []
