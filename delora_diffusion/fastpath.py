@@ -12,9 +12,15 @@ While gradients flow, cached pairs are never reused across forwards: the previou
 So before each forward of a model with adapters, a pre-hook on the model (:func:`refresh_pre_hook`) gathers
 every stale adapter, groups them by (shape, rank, init, dtype, device), and folds each group with one stacked
 call of :func:`delora_diffusion.functional.fold_factors` (:class:`_FoldGroup`). The layers then use those
-pairs for the whole step, so checkpointed recomputes see the very same tensors. Under ``torch.compile``
-nothing is cached: each layer folds inline, so the graph has no Python-side checks to break on, and the scale
-is read from a tensor, so changing it never recompiles.
+pairs for the whole step, so checkpointed recomputes see the very same tensors.
+
+Under ``torch.compile`` the pre-hook still runs eagerly (dynamo runs a compiled module's hooks as frames of
+their own; this one is excluded), so the refresh, its cache and its batching are the same as eagerly. It hands
+every layer its fresh pair as ``_compiled_factors``, which the traced hook reads as plain tensor inputs: the
+graph has no Python-side checks to break on, and a new scale only brings new tensors, never a recompile. A
+layer without a handed pair (the refresh was switched off, or its parameters are sharded) folds its own in
+the graph, reading the scale from its ``scale_tensor``. The pair is handed over on each forward of the
+model the adapters were injected into; a compiled submodule called on its own reuses the last one.
 
 :func:`fastpath_options` switches the batched refresh and the hidden recompute off (benchmarks, debugging).
 """
@@ -145,13 +151,17 @@ def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> t
 def _compiled_update(
     base: nn.Module, container: DeLoRAContainer, x: torch.Tensor, output: torch.Tensor
 ) -> torch.Tensor:
-    """The hook as dynamo traces it: no cache, the scale as a tensor, dropout as a tensor op."""
+    """The hook as dynamo traces it: the pair the eager refresh handed over, else one folded here from
+    tensors only (:func:`traced_fold`); dropout as a tensor op. No Python-side checks, so no graph breaks."""
     dtype = compute_dtype(base)
     for layer in container._modules.values():
         if not layer.active or layer.merged:
             continue
-        A_f, B_f = layer.compute_factors(dtype, layer.scale_tensor)
-        update = apply_update(base, x, A_f, B_f, _options.recompute_hidden)
+        factors = getattr(layer, "_compiled_factors", None)
+        if factors is None:
+            A_f, B_f = traced_fold([layer], dtype)
+            factors = (A_f[0], B_f[0])
+        update = apply_update(base, x, *factors, _options.recompute_hidden)
         if layer.training and layer.module_dropout > 0:
             update = update * (torch.rand((), device=x.device) >= layer.module_dropout)
         output = output + update.to(output.dtype)
@@ -290,39 +300,51 @@ class _FoldGroup(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        group: _Group,
-        scale: float | torch.Tensor,
+        rank: int,
         n: int,
+        scale: float | torch.Tensor,
+        w: torch.Tensor,
+        frozen_A: torch.Tensor | None,
+        frozen_B: torch.Tensor | None,
+        lambda_max: torch.Tensor | None,
         *params: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
-        ctx.group, ctx.scale, ctx.n = group, scale, n
-        ctx.save_for_backward(*params)
-        if group.lambda_max is not None:
-            lam = torch.minimum(torch.maximum(lam, -group.lambda_max), group.lambda_max)
-        return functional.fold_factors(A, B, lam, group.w, group.rank, scale, group.frozen)
+        ctx.rank, ctx.n = rank, n
+        ctx.flags = (isinstance(scale, torch.Tensor), frozen_B is not None, lambda_max is not None)
+        if not ctx.flags[0]:
+            ctx.scale = scale
+        optional = (scale, frozen_B, lambda_max)
+        ctx.save_for_backward(w, *(t for t, on in zip(optional, ctx.flags) if on), *params)
+        if lambda_max is not None:
+            lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
+        frozen = None if frozen_A is None else (frozen_A, frozen_B)
+        return functional.fold_factors(A, B, lam, w, rank, scale, frozen)
 
     @staticmethod
     def backward(ctx, grad_A_f: torch.Tensor, grad_B_f: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        group, scale, n = ctx.group, ctx.scale, ctx.n
-        params = ctx.saved_tensors
-        A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
+        r, n = ctx.rank, ctx.n
+        saved = list(ctx.saved_tensors)
+        w = saved.pop(0)
+        scale, frozen_B, lambda_max = (saved.pop(0) if on else None for on in ctx.flags)
+        if scale is None:
+            scale = ctx.scale
+        A, B, lam = (torch.stack(saved[i * n : (i + 1) * n]) for i in range(3))
         inside = None
-        if group.lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
-            inside = lam.abs() <= group.lambda_max
-            lam = torch.minimum(torch.maximum(lam, -group.lambda_max), group.lambda_max)
-        r = group.rank
+        if lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
+            inside = lam.abs() <= lambda_max
+            lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
         a_raw, b_raw = A.norm(dim=-1), B.norm(dim=-2)  # (L, r)
         a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
         unit = scale / (r * a_norm * b_norm)  # d scale / d lam
         rank_scales = lam * unit
         g_B_f = grad_B_f[..., :r]
-        grad_A = grad_A_f[..., :r, :] * group.w.unsqueeze(-2)
+        grad_A = grad_A_f[..., :r, :] * w.unsqueeze(-2)
         grad_B = g_B_f * rank_scales.unsqueeze(-2)
         grad_scales = (g_B_f * B).sum(dim=-2)  # (L, r)
         grad_lam = (grad_scales * unit).sum(dim=-1, keepdim=True)
-        if group.frozen is not None:
-            grad_lam = grad_lam + (grad_B_f[..., r:] * group.frozen[1]).sum(dim=(-2, -1)).unsqueeze(-1) * scale
+        if frozen_B is not None:
+            grad_lam = grad_lam + (grad_B_f[..., r:] * frozen_B).sum(dim=(-2, -1)).unsqueeze(-1) * scale
         # rank_scales = lam * scale / (r |a| |b|): d/d|a| = -rank_scales / |a|, through the clamp (mask |a| >= eps)
         # and the norm (d|a|/da = a / |a|).
         g_norm = grad_scales * rank_scales
@@ -333,7 +355,21 @@ class _FoldGroup(torch.autograd.Function):
         if inside is not None:
             grad_lam = grad_lam * inside
         grads = (*grad_A.unbind(0), *grad_B.unbind(0), *grad_lam.unbind(0))
-        return (None, None, None, *grads)
+        return (None,) * 7 + grads
+
+
+def fold_group(
+    rank: int,
+    scale: float | torch.Tensor,
+    w: torch.Tensor,
+    frozen: tuple[torch.Tensor, torch.Tensor] | None,
+    lambda_max: torch.Tensor | None,
+    members: list[DeLoRALayer],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked (A', B') of `members` (same shapes, rank and init) through :class:`_FoldGroup`."""
+    params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
+    frozen_A, frozen_B = (None, None) if frozen is None else frozen
+    return _FoldGroup.apply(rank, len(members), scale, w, frozen_A, frozen_B, lambda_max, *params)
 
 
 def project_lambdas(layers: list[DeLoRALayer]) -> None:
@@ -348,6 +384,12 @@ def project_lambdas(layers: list[DeLoRALayer]) -> None:
             torch._foreach_clamp_min_(lams, [-limit for limit in limits])
 
 
+def _grad_left(layer: DeLoRALayer, training: bool) -> bool:
+    """A pair folded while training, met without grad: refold it, so it lets its graph go and a compiled
+    graph always sees the same kind of input (a pair that requires grad or not) in the same mode."""
+    return not training and layer.__dict__["_cache"][0].requires_grad
+
+
 def refresh_factors(root: nn.Module) -> None:
     """Fold the factors of every stale adapter under `root`, batched per group."""
     plan = _plan_for(root)
@@ -355,30 +397,78 @@ def refresh_factors(root: nn.Module) -> None:
     if training:
         project_lambdas([entry.layer for entry in plan.entries])
     stale: dict[tuple, list[DeLoRALayer]] = {}
+    handed: list[DeLoRALayer] = []
     for entry in plan.entries:
         layer = entry.layer
-        if entry.container.disabled or not layer.contributes() or not _is_materialized(layer):
+        layer.__dict__["_compiled_factors"] = None
+        # A zero scale is folded too (the eager hook skips it): a compiled graph then never sees a missing pair.
+        if entry.container.disabled or not layer.active or layer.merged or not _is_materialized(layer):
             continue
+        handed.append(layer)
         dtype = compute_dtype(entry.base)
         A = layer._parameters["delora_A"]
-        if training and A.requires_grad or not _cache_is_fresh(layer, dtype):
+        if training and A.requires_grad or not _cache_is_fresh(layer, dtype) or _grad_left(layer, training):
             stale.setdefault(entry.key + (A.dtype, A.device, dtype), []).append(layer)
     for key, members in stale.items():
         group = _group(plan, key, members)
-        params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
+        A = members[0]._parameters["delora_A"]
         scales = [a.effective_scale for a in members]
         if len(set(scales)) == 1:
             scale: float | torch.Tensor = scales[0]
         else:
-            scale = torch.tensor(scales, dtype=params[0].dtype, device=params[0].device).unsqueeze(-1)
-        A_f, B_f = _FoldGroup.apply(group, scale, len(members), *params)
+            scale = torch.tensor(scales, dtype=A.dtype, device=A.device).unsqueeze(-1)
+        A_f, B_f = fold_group(group.rank, scale, group.w, group.frozen, group.lambda_max, members)
         dtype = key[-1]
         A_f, B_f = A_f.to(dtype), B_f.to(dtype)
         for layer, a_f, b_f in zip(members, A_f.unbind(0), B_f.unbind(0), strict=True):
             _set_cache(layer, a_f, b_f, _stamp(layer, dtype))
+    for layer in handed:  # fresh now: what a compiled forward uses (see refresh_pre_hook)
+        layer.__dict__["_compiled_factors"] = layer.__dict__["_cache"]
 
 
+def traced_fold(members: list[DeLoRALayer], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked (A', B') of one group for a compiled graph: every input read as a tensor, nothing cached.
+
+    The frozen tensors are stacked here (buffers, so a ``load_state_dict`` is seen at once); the scale comes
+    from each layer's ``scale_tensor`` and the relative bound's limits are computed from w, so neither a scale
+    change nor a load recompiles. Trainable lambdas are projected onto their bound first, as eagerly.
+    """
+    first = members[0]
+    rank, paper = first.rank, first.init == "paper"
+    with torch.no_grad():
+        w = torch.stack([a._buffers["delora_w_norm"] for a in members])
+        frozen = None
+        if paper:
+            A0 = torch.stack([a._buffers["delora_A0"] for a in members])
+            B0 = torch.stack([a._buffers["delora_B0"] for a in members])
+            frozen = functional.frozen_pair_factors(A0, B0, w, rank)
+        scale = torch.stack([a._buffers["scale_tensor"] for a in members]).unsqueeze(-1).to(w.dtype)
+        lambda_max = None
+        if any(a.relative_bound is not None for a in members):
+            rho = [float("inf") if a.relative_bound is None else a.relative_bound for a in members]
+            wf = w.float()
+            limit = wf.norm(dim=-1, keepdim=True) / wf.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+            limit = limit * torch.tensor(rho, device=w.device).unsqueeze(-1) / (2 if paper else 1)
+            lambda_max = limit.to(w.dtype)
+            if torch.is_grad_enabled() and first.delora_lambda.requires_grad:
+                for i, a in enumerate(members):
+                    a._parameters["delora_lambda"].clamp_(-lambda_max[i], lambda_max[i])
+    A_f, B_f = fold_group(rank, scale, w, frozen, lambda_max, members)
+    return A_f.to(dtype), B_f.to(dtype)
+
+
+@torch.compiler.disable
 def refresh_pre_hook(root: nn.Module, args: tuple) -> None:
-    """Before the model's forward: the batched refresh (skipped under torch.compile, see the module doc)."""
-    if _options.batched and not torch.compiler.is_compiling():
+    """Before the model's forward: the batched refresh, always run eagerly, also for a compiled model.
+
+    ``torch.compile(model)`` (and ``model.compile()``, accelerate's ``--dynamo_backend``) runs a module's
+    hooks as frames of their own, apart from the forward's graph; excluded from dynamo, this one does the
+    cached, batched refresh just as eagerly (no tracing cost, no extra graph) and hands each layer its
+    fresh pair in ``_compiled_factors`` (None: the layer's compiled hook folds its own). Compiling a
+    function that *calls* the model inlines this hook instead, which splits that function's graph here once.
+    """
+    if _options.batched:
         refresh_factors(root)
+    else:
+        for entry in _plan_for(root).entries:
+            entry.layer.__dict__["_compiled_factors"] = None

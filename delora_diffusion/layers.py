@@ -78,6 +78,7 @@ class DeLoRALayer(nn.Module):
         """Copies and pickles leave fastpath's factor cache behind (it may hold a training graph)."""
         state = self.__dict__.copy()
         state.pop("_cache", None)
+        state.pop("_compiled_factors", None)
         state.pop("_cache_stamp", None)
         return state
 
@@ -257,8 +258,9 @@ def apply_update(
 ) -> torch.Tensor:
     """x -> x A'^T B'^T, LoRA's two skinny matmuls (two convs for a Conv2d: kxk into rank, then 1x1 out).
 
-    `recompute_hidden` (Linear, training, no autocast): keep no T x r hidden for backward, see
-    :class:`_LowRankLinear`.
+    `recompute_hidden` (Linear, training, no autocast, not compiling): keep no T x r hidden for backward,
+    see :class:`_LowRankLinear`. A compiled graph gets the two plain linears: dynamo's eager wrapper of a
+    custom autograd.Function costs more than the matmuls here, and a compiler decides what to recompute.
     """
     if isinstance(base, nn.Conv2d):
         down = A_f.reshape(A_f.shape[0], *base.weight.shape[1:])
@@ -267,6 +269,7 @@ def apply_update(
     if (
         recompute_hidden
         and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and x.dtype == A_f.dtype
         and not torch.is_autocast_enabled(x.device.type)
     ):

@@ -13,8 +13,10 @@ from delora_diffusion import fastpath, functional, layers
 @pytest.mark.parametrize("init", ["paper", "zero"])
 @pytest.mark.parametrize("per_layer_mult", [False, True])
 @pytest.mark.parametrize("zero_B", [False, True])
-def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zero_B):
-    """Closed-form backward == autograd through functional.fold_factors (float64), incl. clamped norms."""
+@pytest.mark.parametrize("bounded", [False, True])
+def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zero_B, bounded):
+    """Closed-form backward == autograd through functional.fold_factors (float64), incl. clamped norms and
+    lambda clamped to a relative bound (one layer inside it, one beyond it, one unbounded)."""
     gen = torch.Generator().manual_seed(0)
     L, r, n_in, n_out = 3, 4, 5, 6
 
@@ -30,13 +32,20 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
     mult = torch.rand(L, 1, generator=gen).double() if per_layer_mult else 0.7
     paper = init == "paper"
     frozen = functional.frozen_pair_factors(A0, B0, w, r) if paper else None
-    group = fastpath._Group([], r, (), w, frozen)
 
-    A_f, B_f = fastpath._FoldGroup.apply(group, mult, L, *A, *B, *lam)
+    lambda_max = None
+    ref_lam = torch.stack(lam)
+    if bounded:
+        lambda_max = torch.tensor(
+            [[lam[0].abs().item() * 2], [lam[1].abs().item() / 2], [float("inf")]]
+        ).double()
+        ref_lam = torch.minimum(torch.maximum(ref_lam, -lambda_max), lambda_max)
+    args = (r, L, mult, w, *(frozen or (None, None)), lambda_max)
+    A_f, B_f = fastpath._FoldGroup.apply(*args, *A, *B, *lam)
     ref_A, ref_B = functional.fold_factors(
         torch.stack(A),
         torch.stack(B),
-        torch.stack(lam),
+        ref_lam,
         w,
         r,
         mult,
