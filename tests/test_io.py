@@ -117,7 +117,12 @@ def _as_component(old: str, new: str) -> tuple[Callable, Callable]:
         }
 
     def meta(m: dict) -> dict:
-        for key in ("delora_configs", "delora_component_classes", "delora_w_norm_fingerprint", "delora_layers"):
+        for key in (
+            "delora_configs",
+            "delora_component_classes",
+            "delora_w_norm_fingerprint",
+            "delora_layers",
+        ):
             value = json.loads(m[key])
             value[new] = value.pop(old)
             m[key] = json.dumps(value)
@@ -294,3 +299,54 @@ def test_file_written_elsewhere_then_copied_keeps_loading(trained, tmp_path):
     pipe = tp.load_pipeline(t.base_dir)
     pipe.load_delora_weights(tmp_path, weight_name="step_500.safetensors", adapter_name="s500")
     assert pipe.get_list_delora_adapters()["unet"] == ["s500"]
+
+
+# --- paths and shareable metadata (issue 13 item 12) -------------------------------------------------------
+def _no_hub(monkeypatch) -> None:
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+
+
+def test_a_mistyped_local_path_is_reported_at_once_not_sent_to_the_hub(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained("sd").adapter_dir, tmp_path / "outputs" / "dreambooth-delora")
+    _no_hub(monkeypatch)
+    pipe = tp.load_pipeline(trained("sd").base_dir)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'outputs/dreambooth-delra' does not exist.*Did you mean .*dreambooth-delora",
+    ):
+        pipe.load_delora_weights("outputs/dreambooth-delra")
+    for typo in ("runs/a/b", "./adapter", "../adapter", "adapter.safetensors", "~/adapter", "dir\\adapter"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            pipe.load_delora_weights(typo)
+    assert pipe.load_delora_weights("outputs/dreambooth-delora") == "default"  # the right path loads
+    assert io.looks_like_local_path("outputs/x") and not io.looks_like_local_path("someone/tiny-delora")
+    assert not io.looks_like_local_path("gpt2")
+
+
+def test_saved_metadata_holds_no_absolute_local_paths(trained, tmp_path):
+    t = trained("sd")
+    pipe = tp.load_pipeline(t.base_dir)
+    pipe.load_delora_weights(t.adapter_dir)
+    assert pipe.name_or_path == str(t.base_dir) and Path(pipe.name_or_path).is_absolute()
+    args = {"instance_data_dir": str(tmp_path / "photos" / "dog"), "output_dir": "out/run", "rank": 4}
+    pipe.save_delora_weights(tmp_path / "saved", training_args=args)
+    _, meta = io.read_delora_file(tmp_path / "saved" / io.WEIGHT_NAME)
+    assert meta["base_model"] == t.base_dir.name
+    assert meta["training_args"] == {"instance_data_dir": "dog", "output_dir": "out/run", "rank": 4}
+    raw = (tmp_path / "saved" / io.WEIGHT_NAME).read_bytes()[:100_000]
+    assert str(tmp_path).encode() not in raw and str(t.base_dir).encode() not in raw
+    hub_id = io.save_delora_file(tmp_path / "h.safetensors", {"unet": pipe.unet}, base_model="org/model")
+    assert (
+        io.read_delora_file(hub_id)[1]["base_model"] == "org/model"
+    )  # a hub id is kept as the user named it
+    from delora_diffusion import export
+
+    lora = export.export_lora(tmp_path / "saved", tmp_path / "lora.safetensors")
+    with safe_open(str(lora), "pt") as handle:
+        assert all(str(tmp_path) not in value for value in handle.metadata().values())

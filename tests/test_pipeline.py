@@ -298,3 +298,56 @@ def test_save_and_metadata_need_a_name_when_ambiguous(trained, tmp_path):
         pipe.get_delora_metadata()
     assert pipe.save_delora_weights(tmp_path / "two", adapter_name="two").exists()
     assert pipe.get_delora_metadata("one")
+
+
+# --- diffusers' names (issue 14 item 6) --------------------------------------------------------------------
+def test_diffusers_argument_names_and_adapter_management(trained, tmp_path):
+    t = trained("sd")
+    other = tp.load_pipeline(t.base_dir)
+    inject_family_adapter(other, "sd", adapter_name="style", seed=7, lam=0.8)
+    other.save_delora_weights(tmp_path)
+    pipe = tp.load_pipeline(t.base_dir)
+    pipe.load_delora_weights(t.adapter_dir, adapter_name="subject")
+    pipe.load_delora_weights(tmp_path)
+    assert pipe.get_active_delora_adapters() == ["subject", "style"]
+    # set_adapters(adapter_names, adapter_weights=...) as diffusers takes it, per-component dicts included
+    pipe.set_delora_adapters(["subject", "style"], adapter_weights=[1.0, 0.0])
+    assert max_diff(tp.run(pipe), t.adapted) < EXACT
+    pipe.set_delora_adapters(
+        ["subject"], adapter_weights=[{"unet": PARTIAL_SCALE, "text_encoder": PARTIAL_SCALE}]
+    )
+    assert pipe.get_active_delora_adapters() == ["subject"]
+    assert max_diff(tp.run(pipe), t.partial) < EXACT
+    pipe.set_delora_adapters("subject", adapter_weights={"unet": PARTIAL_SCALE})  # text_encoder keeps 1.0
+    unet_only = tp.run(pipe)
+    assert max_diff(unet_only, t.partial) > 1e-4 and max_diff(unet_only, t.adapted) > 1e-4
+    with pytest.raises(ValueError, match=r"unknown components \['vae'\]"):
+        pipe.set_delora_adapters("subject", adapter_weights={"vae": 0.5})
+    pipe.set_delora_adapters("subject", weights=[1.0])  # the older keyword still works
+    # fuse_lora(lora_scale=...) is the scale
+    pipe.fuse_delora(lora_scale=PARTIAL_SCALE)
+    assert max_diff(tp.run(pipe), t.partial) < FUSED
+    pipe.unfuse_delora()
+    with pytest.raises(ValueError, match="pass one of them"):
+        pipe.fuse_delora(scale=0.5, lora_scale=0.7)
+    # delete by name (fused or not), unload one by name, unload all
+    pipe.set_delora_adapters(["subject", "style"])
+    pipe.fuse_delora(adapter_names=["style"])
+    pipe.delete_delora_adapters("style")
+    assert pipe.get_list_delora_adapters() == {"unet": ["subject"], "text_encoder": ["subject"]}
+    assert max_diff(tp.run(pipe), t.adapted) < RESTORED
+    with pytest.raises(ValueError, match="No DeLoRA adapter named 'style'"):
+        pipe.delete_delora_adapters(["style"])
+    pipe.load_delora_weights(tmp_path)
+    pipe.unload_delora_weights(adapter_name="style")
+    assert pipe.get_active_delora_adapters() == ["subject"]
+    assert "style" not in pipeline_metadata_names(pipe)
+    pipe.unload_delora_weights()
+    assert pipe.get_list_delora_adapters() == {} and pipe.get_active_delora_adapters() == []
+    assert max_diff(tp.run(pipe), t.base) < RESTORED
+
+
+def pipeline_metadata_names(pipe) -> list[str]:
+    from delora_diffusion import pipeline
+
+    return list(pipeline._metadata_store(pipe))
