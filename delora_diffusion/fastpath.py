@@ -431,7 +431,7 @@ def traced_fold(members: list[DeLoRALayer], dtype: torch.dtype) -> tuple[torch.T
 
     The frozen tensors are stacked here (buffers, so a ``load_state_dict`` is seen at once); the scale comes
     from each layer's ``scale_tensor`` and the relative bound's limits are computed from w, so neither a scale
-    change nor a load recompiles. Trainable lambdas are projected onto their bound first, as eagerly.
+    change nor a load recompiles. (The eager pre-hook projects trainable lambdas onto their bound.)
     """
     first = members[0]
     rank, paper = first.rank, first.init == "paper"
@@ -450,9 +450,6 @@ def traced_fold(members: list[DeLoRALayer], dtype: torch.dtype) -> tuple[torch.T
             limit = wf.norm(dim=-1, keepdim=True) / wf.amax(dim=-1, keepdim=True).clamp_min(1e-12)
             limit = limit * torch.tensor(rho, device=w.device).unsqueeze(-1) / (2 if paper else 1)
             lambda_max = limit.to(w.dtype)
-            if torch.is_grad_enabled() and first.delora_lambda.requires_grad:
-                for i, a in enumerate(members):
-                    a._parameters["delora_lambda"].clamp_(-lambda_max[i], lambda_max[i])
     A_f, B_f = fold_group(rank, scale, w, frozen, lambda_max, members)
     return A_f.to(dtype), B_f.to(dtype)
 
@@ -469,6 +466,9 @@ def refresh_pre_hook(root: nn.Module, args: tuple) -> None:
     """
     if _options.batched:
         refresh_factors(root)
-    else:
-        for entry in _plan_for(root).entries:
-            entry.layer.__dict__["_compiled_factors"] = None
+        return
+    entries = _plan_for(root).entries
+    for entry in entries:
+        entry.layer.__dict__["_compiled_factors"] = None
+    if torch.is_grad_enabled():
+        project_lambdas([entry.layer for entry in entries])
