@@ -120,6 +120,8 @@ def to_lora_state_dict(
     """The adapter as a plain LoRA state dict at lambda scale `scale`.
 
     ``diffusers``: ``<component>.<layer>.lora_A.weight`` / ``lora_B.weight`` (PEFT names, no alphas: scale 1).
+    CLIP encoder layers get ``text_model.`` in both formats: transformers 5 flattened ``CLIPTextModel`` (its
+    layers are ``encoder.layers.N``), ComfyUI maps only the prefixed form, and diffusers strips it again.
     ``kohya``: ``lora_unet_<layer with _>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (= rank), with
     ``lora_te`` / ``lora_te1`` / ``lora_te2`` for the text encoders and ``lora_transformer`` for DiTs.
     """
@@ -129,13 +131,15 @@ def to_lora_state_dict(
     out: dict[str, torch.Tensor] = {}
     for component, layers in lora_factors_per_layer(data, scale, skip_unsupported).items():
         for layer, (down, up) in layers.items():
-            if format == "diffusers":
-                out[f"{component}.{layer}.lora_A.weight"] = down
-                out[f"{component}.{layer}.lora_B.weight"] = up
-                continue
             name = layer
             if classes.get(component, "").startswith("CLIP") and not name.startswith("text_model."):
-                name = "text_model." + name  # kohya names CLIP layers as in the original CLIP checkpoints
+                name = (
+                    "text_model." + name
+                )  # CLIP layers as in the original checkpoints: what every reader maps
+            if format == "diffusers":
+                out[f"{component}.{name}.lora_A.weight"] = down
+                out[f"{component}.{name}.lora_B.weight"] = up
+                continue
             key = f"{_kohya_prefix(component, data)}_{name.replace('.', '_')}"
             out[f"{key}.lora_down.weight"] = down
             out[f"{key}.lora_up.weight"] = up
@@ -167,6 +171,12 @@ def export_lora(
             f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it."
         )
     state = to_lora_state_dict(data, format, scale, skip_unsupported)
+    return io.write_safetensors_atomic(out, state, lora_metadata(data, format, scale))
+
+
+def lora_metadata(data: io.AdapterData, format: str = "diffusers", scale: float = 1.0) -> dict[str, str]:
+    """The metadata of a LoRA export: where it came from (file/folder name or hub id, no local paths) and at
+    which ``delora_scale``; kohya files also name their network module, as kohya's own do."""
     metadata = {
         "format": "pt",
         "delora_exported_from": io.shareable_model_name(data.source) or "",
@@ -175,7 +185,7 @@ def export_lora(
     }
     if format == "kohya":
         metadata["ss_network_module"] = "networks.lora"
-    return io.write_safetensors_atomic(out, state, metadata)
+    return metadata
 
 
 def _refuse_input(out: Path, source: str) -> None:

@@ -163,3 +163,14 @@ def test_export_peft_continues_in_peft(trained, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.unet(*args).sample, pipe.unet(*args).sample, atol=1e-5, rtol=0)
         torch.testing.assert_close(again.text_encoder(ids)[0], pipe.text_encoder(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_diffusers_export_names_clip_layers_as_every_reader_maps(trained):
+    """transformers 5's CLIPTextModel has no ``text_model`` level; ComfyUI maps only the prefixed names
+    (diffusers strips the prefix again, as the load tests above show)."""
+    state = export.to_lora_state_dict(io.load_adapter(trained("sdxl").adapter_dir), "diffusers")
+    encoder_keys = [k for k in state if k.startswith("text_encoder")]
+    assert encoder_keys and all(
+        k.startswith(("text_encoder.text_model.encoder.layers.", "text_encoder_2.text_model.encoder.layers."))
+        for k in encoder_keys
+    )
