@@ -29,33 +29,27 @@ def unwrap_model(module: nn.Module) -> nn.Module:
             return module
 
 
-def _is_local_path(value: str) -> bool:
-    if value.startswith("~") or os.path.isabs(value):
-        return True
-    try:
-        return Path(value).exists()
-    except OSError:
-        return False
-
-
 def shareable_model_name(value: str | os.PathLike | None) -> str | None:
-    """A base model as a user would share it: a hub id unchanged, a local folder by its name only."""
-    if value is None:
+    """A model or folder as a user would share it: a hub id as given, a local path by its folder name only."""
+    if value is None or not os.fspath(value):
         return None
     text = os.fspath(value)
-    if not text or not _is_local_path(text):
-        return text or None
-    return Path(text.rstrip("/\\")).expanduser().name or None
+    path = Path(text).expanduser()
+    try:
+        local = path.is_absolute() or path.exists()
+    except OSError:
+        local = True
+    return (path.resolve().name or text) if local else text
 
 
 def shareable_args(args: dict[str, Any]) -> dict[str, Any]:
-    """Training arguments with every absolute or home-relative path cut to its last part."""
-    out: dict[str, Any] = {}
-    for key, value in args.items():
-        if isinstance(value, str) and (value.startswith("~") or os.path.isabs(value)):
-            value = Path(value.rstrip("/\\")).expanduser().name
-        out[key] = value
-    return out
+    """Training arguments with every absolute or home-relative path cut to its folder or file name."""
+    return {
+        key: shareable_model_name(value)
+        if isinstance(value, str) and (value.startswith("~") or os.path.isabs(value))
+        else value
+        for key, value in args.items()
+    }
 
 
 def adapter_tensors(
