@@ -118,6 +118,9 @@ def load_delora_weights(
     metadata = dict(data.metadata)
     metadata.update(source=data.source, kind=data.kind, components=[p.component for p in plans])
     metadata["configs"] = {p.component: p.config.to_dict() for p in plans}
+    metadata["base_model"] = io.shareable_model_name(metadata.get("base_model"))  # older files held paths
+    if isinstance(metadata.get("training_args"), dict):
+        metadata["training_args"] = io.shareable_args(metadata["training_args"])
     _metadata_store(pipe)[name] = metadata
     return name
 

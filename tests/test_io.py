@@ -350,3 +350,23 @@ def test_saved_metadata_holds_no_absolute_local_paths(trained, tmp_path):
     lora = export.export_lora(tmp_path / "saved", tmp_path / "lora.safetensors")
     with safe_open(str(lora), "pt") as handle:
         assert all(str(tmp_path) not in value for value in handle.metadata().values())
+
+
+def test_older_files_with_local_paths_show_only_folder_names(sd_pipe, good_file, tmp_path):
+    """Files written before paths were cut still load; what the pipeline reports (the app's info) is cut."""
+    old = rewrite(
+        good_file,
+        tmp_path / "old" / io.WEIGHT_NAME,
+        metadata=lambda m: {
+            **m,
+            "delora_base_model": "/home/someone/models/tiny-sd",
+            "delora_training_args": json.dumps({"instance_data_dir": "/home/someone/photos/dog", "rank": 2}),
+        },
+    )
+    sd_pipe.load_delora_weights(old, adapter_name="old")
+    try:
+        meta = sd_pipe.get_delora_metadata("old")
+        assert meta["base_model"] == "tiny-sd"
+        assert meta["training_args"] == {"instance_data_dir": "dog", "rank": 2}
+    finally:
+        sd_pipe.unload_delora_weights()
