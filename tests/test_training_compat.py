@@ -410,6 +410,23 @@ def test_validation_images_to_tensorboard_events(tmp_path):
     assert decoded.shape == (16, 24, 3) and tuple(decoded[0, 0]) == (255, 0, 0)
 
 
+def test_validation_images_to_wandb_offline(tmp_path, monkeypatch):
+    """wandb, when installed, gets the images too (offline mode: written under its run dir, no login)."""
+    pytest.importorskip("wandb")
+    from accelerate.tracking import WandBTracker
+
+    from delora_diffusion.training.trackers import log_images
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    tracker = WandBTracker("dreambooth-delora", dir=str(tmp_path))
+    tracker.start()
+    images = [Image.new("RGB", (24, 16), (255, 0, 0))]
+    assert log_images([tracker], "validation", images, 1, ["a prompt"]) == ["wandb"]
+    tracker.finish()
+    assert list(tmp_path.rglob("media/images/validation_*.png"))
+
+
 # --- item 4: the model card -------------------------------------------------------------------------------
 
 
