@@ -211,9 +211,7 @@ def _merge(args: argparse.Namespace) -> int:
         )
     data = io.load_adapter(args.adapter, component=args.component)  # validate before the (slow) base load
     base = Path(args.base)
-    if not base.exists() and (
-        args.base.startswith(("/", ".", "~")) or base.suffix or args.base.count("/") > 1
-    ):
+    if not base.exists() and io.looks_like_local_path(args.base):  # a typo is not sent to the hub
         raise FileNotFoundError(
             f"Base model {args.base!r} does not exist; pass a pipeline directory or hub id."
         )
