@@ -80,16 +80,21 @@ def test_fuse_with_scale_and_disable_enable(trained):
         pipe.fuse_delora(components=["vae"])
 
 
+def _subject_and_style(t, style_dir):
+    """A pipeline with the trained adapter as "subject" and a second one, saved to `style_dir`, as "style"."""
+    other = tp.load_pipeline(t.base_dir)
+    inject_family_adapter(other, "sd", adapter_name="style", seed=7, lam=0.8)
+    other.save_delora_weights(style_dir)
+    pipe = tp.load_pipeline(t.base_dir)
+    pipe.load_delora_weights(t.adapter_dir, adapter_name="subject")
+    pipe.load_delora_weights(style_dir)
+    return pipe
+
+
 def test_two_adapters_with_weights_match_summed_weight_updates(trained, tmp_path):
     """Reference built independently: add w_a*dW_a + w_b*dW_b (from the files' tensors) to the base weights."""
     t = trained("sd")
-    other = tp.load_pipeline(t.base_dir)
-    inject_family_adapter(other, "sd", adapter_name="style", seed=7, lam=0.8)
-    other.save_delora_weights(tmp_path)
-
-    pipe = tp.load_pipeline(t.base_dir)
-    pipe.load_delora_weights(t.adapter_dir, adapter_name="subject")
-    pipe.load_delora_weights(tmp_path)
+    pipe = _subject_and_style(t, tmp_path)
     assert pipe.get_list_delora_adapters()["unet"] == ["subject", "style"]
     pipe.set_delora_adapters(["subject", "style"], [0.5, 1.5])
     together = tp.run(pipe)
@@ -303,12 +308,7 @@ def test_save_and_metadata_need_a_name_when_ambiguous(trained, tmp_path):
 # --- diffusers' names (issue 14 item 6) --------------------------------------------------------------------
 def test_diffusers_argument_names_and_adapter_management(trained, tmp_path):
     t = trained("sd")
-    other = tp.load_pipeline(t.base_dir)
-    inject_family_adapter(other, "sd", adapter_name="style", seed=7, lam=0.8)
-    other.save_delora_weights(tmp_path)
-    pipe = tp.load_pipeline(t.base_dir)
-    pipe.load_delora_weights(t.adapter_dir, adapter_name="subject")
-    pipe.load_delora_weights(tmp_path)
+    pipe = _subject_and_style(t, tmp_path)
     assert pipe.get_active_delora_adapters() == ["subject", "style"]
     # set_adapters(adapter_names, adapter_weights=...) as diffusers takes it, per-component dicts included
     pipe.set_delora_adapters(["subject", "style"], adapter_weights=[1.0, 0.0])

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,9 @@ def json_value(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def strip_component(tensors: Mapping[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
-    """``{"unet.a.delora_A": t}`` -> ``{"a.delora_A": t}`` for one component."""
-    prefix = component + "."
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+def name_list(names: list[str], most: int = 5) -> str:
+    """The first few of many names for a message (``a, b, c, ...``)."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
@@ -319,10 +318,9 @@ def _check_recorded_layers(
     if recorded is not None:
         missing = sorted(set(recorded) - set(layers))
         if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise DeLoRAFileError(
                 f"{where} is missing keys: it records {len(missing)} layer(s) of {component} that have no tensors "
-                f"in the file ({shown}). The file is incomplete; re-save the adapter."
+                f"in the file ({name_list(missing)}). The file is incomplete; re-save the adapter."
             )
         extra = sorted(set(layers) - set(recorded))
         if extra:
@@ -444,7 +442,6 @@ class AdapterData:
     metadata: dict[str, Any]
     source: str
     kind: str = "delora"  # "delora" (our file), "peft" or "state_dict"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self, component: str) -> DeLoRAConfig:
         return DeLoRAConfig.from_dict(self.metadata["configs"][component])

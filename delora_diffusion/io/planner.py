@@ -22,7 +22,7 @@ from .. import functional
 from ..config import DeLoRAConfig
 from ..model import delora_configs, inject_delora, iter_delora_layers, remove_delora
 from ..targets import SUPPORTED_TYPES
-from .format import AdapterData, DeLoRAFileError, canonical_layer_name, validate_tensors
+from .format import AdapterData, DeLoRAFileError, canonical_layer_name, name_list, validate_tensors
 from .sources import most_common_rank
 
 W_NORM_TOLERANCE = 1e-2
@@ -127,9 +127,8 @@ def plan_component(
     available = adaptable_layers(module)
     unknown = sorted(set(layers) - set(available))
     if unknown:
-        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise DeLoRAFileError(
-            f"{source!r} has keys for layers that {component} ({actual_class}) does not have: {shown} "
+            f"{source!r} has keys for layers that {component} ({actual_class}) does not have: {name_list(unknown)} "
             f"({len(unknown)} unknown). The adapter was made for another architecture or component."
         )
     drift = _check_shapes(component, available, layers, source)
