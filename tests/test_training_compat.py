@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_pipelines as tp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TSV = ROOT.parent / "shared" / "reference" / "diffusers_dreambooth_flags.tsv"
+TSV = Path(__file__).parent / "data" / "diffusers_dreambooth_flags.tsv"
+"""Every flag of diffusers' train_dreambooth_lora{,_sdxl,_sd3,_flux}.py (diffusers main, 2026-11)."""
 
 
 @pytest.fixture(scope="module")
