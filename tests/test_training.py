@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_pipelines as tp  # noqa: E402
 
+from delora_diffusion.training.util import is_installed  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_scripts" / "dreambooth_delora.py"
 LAUNCH = [
@@ -364,7 +366,6 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
         "no checkpoint-N": ["--instance_data_dir", str(instance_dir), "--resume_from_checkpoint", "latest"],
         "pip install prodigyopt": ["--instance_data_dir", str(instance_dir), "--optimizer", "prodigy"],
         "pip install bitsandbytes": ["--instance_data_dir", str(instance_dir), "--use_8bit_adam"],
-        "pip install tensorboard": ["--instance_data_dir", str(instance_dir), "--report_to", "tensorboard"],
         "needs --validation_prompt": [
             "--instance_data_dir",
             str(instance_dir),
@@ -372,6 +373,14 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
             "a",
         ],
     }
+    for tracker in ("tensorboard", "wandb"):  # a missing tracker (the dev extra installs tensorboard)
+        if not is_installed(tracker) and not (tracker == "tensorboard" and is_installed("tensorboardX")):
+            cases[f"pip install {tracker}"] = [
+                "--instance_data_dir",
+                str(instance_dir),
+                "--report_to",
+                tracker,
+            ]
     for expected, extra in cases.items():
         code, err = run_main(base + extra, capsys)
         assert code == 2 and expected in err, (expected, err)
@@ -380,7 +389,10 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
 
 
 def test_sharded_configs_give_clear_errors(models, instance_dir, tmp_path, capsys, monkeypatch):
-    """DeepSpeed without its package, FSDP1, FSDP with --train_text_encoder, FSDP where accelerate cannot."""
+    """DeepSpeed without its package (or without a launcher), FSDP1, FSDP with --train_text_encoder, FSDP
+    where accelerate cannot."""
+    from accelerate.state import AcceleratorState
+
     launch_ds = [
         sys.executable,
         "-m",
@@ -389,15 +401,23 @@ def test_sharded_configs_give_clear_errors(models, instance_dir, tmp_path, capsy
         "--num_processes",
         "2",
     ]
-    proc = subprocess.run(
-        [*launch_ds, str(SCRIPT)], capture_output=True, text=True, env=env(), timeout=120, cwd=ROOT
-    )
-    assert proc.returncode != 0 and "pip3 install deepspeed" in proc.stderr  # accelerate's launcher says it
+    deepspeed_missing = not is_installed("deepspeed")  # the missing-package messages need it missing
+    if deepspeed_missing:
+        proc = subprocess.run(
+            [*launch_ds, str(SCRIPT)], capture_output=True, text=True, env=env(), timeout=120, cwd=ROOT
+        )
+        assert (
+            proc.returncode != 0 and "pip3 install deepspeed" in proc.stderr
+        )  # accelerate's launcher says it
 
     base = common(models["sd"], instance_dir, tmp_path / "out", "sd")
     fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
     cases = [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "pip install deepspeed"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true"},
+            [],
+            "pip install deepspeed" if deepspeed_missing else "--use_deepspeed",
+        ),
         ({"ACCELERATE_USE_FSDP": "true"}, [], "fsdp_version: 2"),
         (fsdp2, ["--train_text_encoder"], "--train_text_encoder does not work with FSDP"),
     ]
@@ -408,6 +428,7 @@ def test_sharded_configs_give_clear_errors(models, instance_dir, tmp_path, capsy
             for name, value in variables.items():
                 patch.setenv(name, value)
             code, err = run_main(base + extra, capsys)
+        AcceleratorState._reset_state(reset_partial_state=True)  # later in-process runs start afresh
         assert code == 2 and expected in err and "Traceback" not in err, (expected, err)
     assert not (tmp_path / "out").exists()
 

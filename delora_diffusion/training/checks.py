@@ -1,13 +1,14 @@
 """Everything that can fail on a flag, a path or a folder, run before any model loads; and the flag records.
 
 Two records of the flags are kept: the full one (local paths resolved) goes only into the local
-``training_args.json``; the shareable one (a hub id as given, a local path reduced to its folder name) goes
-into the adapter's metadata and the model card, which users upload and share.
+``training_args.json``; the shareable one (:func:`delora_diffusion.io.shareable_args`: a hub id as given, a
+local path cut to its folder name) goes into the adapter's metadata, which users upload and share.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -71,31 +72,26 @@ def check_args(args: argparse.Namespace) -> None:
 def check_model_path(value: str, flag: str = "pretrained_model_name_or_path") -> None:
     """A value that can only be a local path, and does not exist, is reported now instead of asking the hub.
 
-    A hub id is ``name`` or ``org/name``. Anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``), or an
-    ``org/name`` whose ``org`` is a local folder (``outputs/dreambooth-delra``), is a mistyped local path:
-    sent to the hub it would only fail after a minute of retries, with a message about the hub.
+    Sent to the hub, a mistyped ``outputs/dreambooth-delra`` would only fail after a minute of retries, with
+    a message about the hub. What counts as a local path is :func:`delora_diffusion.io.sources.
+    looks_like_local_path`, the rule adapter loading uses too.
     """
-    path = Path(os.path.expanduser(value))
-    if path.exists():
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from ..io.sources import looks_like_local_path
 
-    try:
-        validate_repo_id(value)
-        is_hub_id = not value.startswith((".", "~")) and not (
-            "/" in value and Path(value.split("/")[0]).is_dir()
-        )
-    except HFValidationError:
-        is_hub_id = False
-    if is_hub_id:
+    path = Path(os.path.expanduser(value))
+    if path.exists() or not looks_like_local_path(value):
         return
     parent = path.parent
-    while not parent.exists() and parent != parent.parent:
+    while not parent.is_dir() and parent != parent.parent:
         parent = parent.parent
-    nearby = sorted(p.name for p in parent.iterdir() if p.is_dir())[:10] if parent.is_dir() else []
+    close = (
+        difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3)
+        if parent.is_dir()
+        else []
+    )
+    hint = f" Did you mean {' or '.join(repr(str(parent / c)) for c in close)}?" if close else ""
     raise TrainingConfigError(
-        f"--{flag} {value!r} is a local path that does not exist (so it is not looked up on the hub). "
-        f"Folders in {str(parent)!r}: {nearby or 'none'}."
+        f"--{flag} {value!r} is a local path that does not exist (so it is not looked up on the hub).{hint}"
     )
 
 
@@ -146,20 +142,3 @@ def training_args_record(args: argparse.Namespace) -> dict[str, Any]:
         else:
             record[key] = str(value)
     return record
-
-
-def shareable_name(value: str) -> str:
-    """What a user would share for a model or folder: a hub id as given, a local path's folder name."""
-    path = Path(os.path.expanduser(value))
-    if path.is_absolute() or path.exists():
-        return path.resolve().name or value
-    return value
-
-
-def shareable_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The record without local paths (adapter metadata, model card): see :func:`shareable_name`."""
-    shared = dict(record)
-    for key, value in record.items():
-        if isinstance(value, str) and (key in PATH_FLAGS or key in MODEL_FLAGS or os.path.isabs(value)):
-            shared[key] = shareable_name(value)
-    return shared

@@ -77,6 +77,14 @@ def check_accelerator(accelerator: Any) -> None:
             f"{accelerator.device.type}: {reason}, so the run would silently train without sharding. "
             f"{ON_CPU_HINT}"
         )
+    if backend == "DEEPSPEED" and not torch.distributed.is_initialized():
+        # Only the environment asks for DeepSpeed (no launcher set up a process group): every collective
+        # (the first barrier) would fail with a ValueError from torch.distributed.
+        raise TrainingConfigError(
+            "The environment asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED), but no process group was set up. "
+            "Start the script with `accelerate launch --use_deepspeed ...` (or an accelerate config with "
+            "distributed_type: DEEPSPEED)."
+        )
     if backend == "DEEPSPEED" and accelerator.state.deepspeed_plugin.hf_ds_config.is_zero3():
         raise TrainingConfigError(
             "DeepSpeed ZeRO stage 3 is not supported: it gathers a module's parameters only while that module's "

@@ -26,7 +26,7 @@ from ..targets import PRESETS
 from ..util import dtype_from_name
 from . import checkpointing, data, distributed
 from .args import resolve_embedded
-from .checks import check_args, check_model, shareable_record, training_args_record
+from .checks import check_args, check_model, training_args_record
 from .families import Family, ModelInfo, inspect_model, load_component
 from .outputs import TrainResult, write_outputs
 from .steps import ADAPTER_NAME, StepState, train_steps
@@ -98,7 +98,9 @@ def setup(args: argparse.Namespace) -> Run:
         args.instance_data_dir, args.instance_prompt, args.resolution, args.caption_extension
     )
     record = training_args_record(args)
-    run = Run(args, info, family, instances, record, shareable_record(record))
+    from ..io import shareable_args
+
+    run = Run(args, info, family, instances, record, shareable_args(record))
 
     accelerator = run.accelerator = make_accelerator(args)
     distributed.check_accelerator(accelerator)

@@ -2,7 +2,7 @@
 
 Order matters for the user: the adapter is written first (atomically), then the slower final validation,
 then the card and ``training_args.json``. Only the local ``training_args.json`` holds full local paths; the
-adapter's metadata and the card hold the shareable record (:func:`.checks.shareable_record`).
+adapter's metadata and the card hold the shareable record (:func:`delora_diffusion.io.shareable_args`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch import nn
 
 from ..util import atomic_write_text
 from . import distributed
-from .checks import shareable_name
 from .model_card import write_model_card
 from .steps import ADAPTER_NAME
 from .validation import run_validation
@@ -84,7 +83,7 @@ def validate(run: Run, name: str, step: int, sweep: bool = False) -> dict[str, P
 
 def write_outputs(run: Run) -> TrainResult:
     """The adapter first (atomic), then the final validation grids, the model card and training_args.json."""
-    from ..io import WEIGHT_NAME
+    from ..io import WEIGHT_NAME, shareable_model_name
 
     accelerator, output_dir = run.accelerator, run.output_dir
     accelerator.wait_for_everyone()
@@ -97,7 +96,7 @@ def write_outputs(run: Run) -> TrainResult:
         grids = validate(run, "final", run.global_step, sweep=True)
     if accelerator.is_main_process:
         pipeline_class = run.info.index.get("_class_name", "DiffusionPipeline")
-        base_model = shareable_name(run.args.pretrained_model_name_or_path)
+        base_model = shareable_model_name(run.args.pretrained_model_name_or_path)
         write_model_card(
             run.args, pipeline_class, base_model, output_dir, grids, run.global_step, family=run.family.name
         )
