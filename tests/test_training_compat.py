@@ -691,6 +691,7 @@ def test_launch_sdxl_dataset_buckets_tensorboard_exports_card_hub(sdxl_model, tm
         "image_1.png",
     } <= set(hub.files)
     assert not any(name.startswith(("checkpoint-", "logs/")) for name in hub.files)
+    assert all(b"hf_test" not in content for content in hub.files.values())  # the token is in no file
 
     delora = tp.load_pipeline(sdxl_model)
     base = tp.run(delora, "sdxl")
