@@ -238,6 +238,36 @@ def test_imagefolder_through_datasets_and_caption_warnings(tmp_path, caplog):
     assert sorted(e.prompt for e in read_instances(args)) == [f"zz, cap {n}" for n in names]
 
 
+def test_hub_dataset_id_from_the_cache(tmp_path, monkeypatch):
+    """--dataset_name org/name offline: the copy in --cache_dir (laid out as datasets caches a hub download)."""
+    import datasets
+    from huggingface_hub import constants
+
+    from delora_diffusion.training import parse_args
+    from delora_diffusion.training.sources import read_instances
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "dogs"
+    names = write_images(folder, [(40, 32), (32, 32)])
+    lines = [json.dumps({"file_name": n, "caption": f"sks dog {i}"}) for i, n in enumerate(names)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    datasets.load_dataset(str(folder), cache_dir=str(cache))
+    (cache / "dogs").rename(cache / "someone___dogs")
+    assert list(cache.glob("someone___dogs/*/*/*/dogs-train.arrow"))  # named after the dataset, as a download
+    argv = [
+        "--pretrained_model_name_or_path",
+        "m",
+        "--instance_prompt",
+        "a photo of sks dog",
+        "--resolution",
+        "32",
+    ]
+    argv += ["--dataset_name", "someone/dogs", "--cache_dir", str(cache), "--caption_column", "caption"]
+    assert [e.prompt for e in read_instances(parse_args(argv))] == ["sks dog 0", "sks dog 1"]
+
+
 def test_trigger_word_and_caption_dropout():
     from delora_diffusion.training import data
     from delora_diffusion.training.sources import caption_dropout, derive_trigger, has_trigger
