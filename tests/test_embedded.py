@@ -171,10 +171,13 @@ def test_short_default_run_through_accelerate_launch(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _, meta = read_delora_file(out / delora_diffusion.io.WEIGHT_NAME)
-    args = meta["training_args"]
-    assert Path(args["pretrained_model_name_or_path"]).resolve() == default_model_path().resolve()
-    assert Path(args["instance_data_dir"]).resolve() == default_subject().path.resolve()
+    args = meta["training_args"]  # what a user would share: folder names, never this machine's paths
+    assert args["pretrained_model_name_or_path"] == default_model_path().name
+    assert args["instance_data_dir"] == default_subject().path.name
     assert args["instance_prompt"] == default_subject().instance_prompt
+    local = json.loads((out / "training_args.json").read_text())  # the full paths stay local
+    assert Path(local["pretrained_model_name_or_path"]).resolve() == default_model_path().resolve()
+    assert Path(local["instance_data_dir"]).resolve() == default_subject().path.resolve()
     card = (out / "README.md").read_text()
     assert "sks" in card and "load_delora_weights" in card
     assert (out / "validation" / "lambda_sweep.png").exists()
