@@ -75,7 +75,7 @@ pipe.set_delora_scale(0.5)  # DeLoRA's strength knob: 0 is the base model, 1 the
 ```
 
 Without delora-diffusion, the same adapter as a plain LoRA (`pytorch_lora_weights.safetensors`, exact at
-lambda scale 1; `lora_scale` then scales it linearly like any LoRA):
+lambda scale 1; a LoRA scale s, e.g. `fuse_lora(lora_scale=s)`, equals `set_delora_scale(s)`):
 
 ```python
 from diffusers import {pipeline}
@@ -150,6 +150,11 @@ def model_card_text(
     family = family or _family_of(pipeline_class)
     size = f", height={args.resolution}, width={args.resolution}"
     kohya = bool(getattr(args, "output_kohya_format", False))
+    trigger = getattr(args, "trigger_word", None)
+    if trigger is None:
+        from .sources import derive_trigger
+
+        trigger = derive_trigger(args.instance_prompt, args.class_prompt)
     widget = [p.name for key, p in grids.items() if key.startswith("final_")]
     lines = [
         f"# DeLoRA DreamBooth adapter: {args.instance_prompt}",
@@ -161,7 +166,8 @@ def model_card_text(
         "",
         "## Trigger words",
         "",
-        f"Use `{args.instance_prompt}` in the prompt (the instance prompt it was trained on).",
+        f"Use `{args.instance_prompt}` in the prompt (the instance prompt it was trained on)"
+        + (f"; the trigger word is `{trigger}`." if trigger else "."),
     ]
     if args.with_prior_preservation:
         lines.append(f"Class prompt (prior preservation): `{args.class_prompt}`.")
