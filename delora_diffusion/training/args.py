@@ -10,10 +10,13 @@ and subject, with the hyperparameters in :data:`EMBEDDED_DEFAULTS`. Flags the us
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from .compat import apply_diffusers_flags, str2bool
+
+logger = logging.getLogger(__name__)
 
 INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "box", "hamming", "lanczos")
 """diffusers' --image_interpolation_mode choices (torchvision's names), read with PIL's filters."""
@@ -347,6 +350,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags and fill the unset tunables from the embedded or the generic defaults."""
     args = build_parser().parse_args(argv)
     args.embedded = args.pretrained_model_name_or_path is None
+    cache_given = args.cache_latents is not None
     defaults = EMBEDDED_DEFAULTS if args.embedded else GENERIC_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -355,6 +359,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.delora_lambda_lr = args.learning_rate
     if args.text_encoder_lr is None:
         args.text_encoder_lr = args.learning_rate
+    if args.cache_latents and not cache_given and (args.random_flip or args.enable_bucket):
+        # Caching is only a default here; the augmentation the user asked for wins over it.
+        logger.info("--random_flip / --enable_bucket given: latent caching (a default) is off for this run.")
+        args.cache_latents = False
     return apply_diffusers_flags(args)
 
 
@@ -374,7 +382,7 @@ def resolve_embedded(args: argparse.Namespace) -> argparse.Namespace:
             "`python train_scripts/train_embedded_base.py`, or pass --pretrained_model_name_or_path."
         )
     args.pretrained_model_name_or_path = str(model)
-    if args.instance_data_dir is None:
+    if args.instance_data_dir is None and not args.dataset_name:
         try:
             subject = default_subject()
         except FileNotFoundError:
