@@ -315,8 +315,13 @@ def examples_of(sizes: list[tuple[int, int]], resolution: int) -> list:
 
 
 def test_buckets_batches_and_sdxl_time_ids(caplog):
-    from delora_diffusion.training import parse_args
-    from delora_diffusion.training.buckets import make_buckets, make_dataset, nearest_bucket
+    from delora_diffusion.training import TrainingConfigError, parse_args
+    from delora_diffusion.training.buckets import (
+        check_bucket_args,
+        make_buckets,
+        make_dataset,
+        nearest_bucket,
+    )
     from delora_diffusion.training.families.sdxl import StableDiffusionXL
 
     buckets = make_buckets(1024, 256, 2048, 64)
@@ -377,6 +382,11 @@ def test_buckets_batches_and_sdxl_time_ids(caplog):
     ):
         assert row == [*original, *crop, 16, 48]  # original (h, w), crop (top, left), bucket (h, w)
         assert original[0] < original[1] and 0 <= crop[0] <= 48 - 16 and crop[1] >= 0
+
+    with pytest.raises(TrainingConfigError, match="multiple of 16"):
+        check_bucket_args(parse_args([*argv, "--bucket_reso_steps", "24"]), 16)  # Flux: VAE 8 x packing 2
+    with pytest.raises(TrainingConfigError, match="max_bucket_reso"):
+        check_bucket_args(parse_args([*argv, "--max_bucket_reso", "16"]), 8)
 
     caplog.clear()
     args = parse_args([*argv, "--cache_latents", "--random_flip"])

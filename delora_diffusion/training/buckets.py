@@ -203,6 +203,20 @@ def warn_augmentation_off(args: argparse.Namespace, examples: list[data.Example]
     return bool(lost)
 
 
+def check_bucket_args(args: argparse.Namespace, pixel_multiple: int) -> list[tuple[int, int]]:
+    """With --enable_bucket: the bucket flags fit the model (checked before any model loads); the buckets."""
+    if not getattr(args, "enable_bucket", False):
+        return []
+    step = args.bucket_reso_steps
+    if step % pixel_multiple:
+        raise TrainingConfigError(
+            f"--bucket_reso_steps {step} must be a multiple of {pixel_multiple} for this model (VAE factor"
+            f"{' x 2 for Flux' if pixel_multiple % 16 == 0 else ''}); e.g. {max(pixel_multiple, step // pixel_multiple * pixel_multiple)}."
+        )
+    max_reso = args.max_bucket_reso or 2 * args.resolution
+    return make_buckets(args.resolution, min(args.min_bucket_reso, args.resolution), max_reso, step)
+
+
 def make_dataset(
     instances: list[data.Example],
     classes: list[data.Example] | None,
@@ -222,14 +236,7 @@ def make_dataset(
             **kwargs,
             "collate_fn": caption_dropout(data.collate, args.caption_dropout_rate, seed),
         }
-    step = args.bucket_reso_steps
-    if step % pixel_multiple:
-        raise TrainingConfigError(
-            f"--bucket_reso_steps {step} must be a multiple of {pixel_multiple} for this model (VAE factor)."
-        )
-    max_reso = args.max_bucket_reso or 2 * args.resolution
-    min_reso = min(args.min_bucket_reso, args.resolution)
-    buckets = make_buckets(args.resolution, min_reso, max_reso, step)
+    buckets = check_bucket_args(args, pixel_multiple)
     dataset = BucketDataset(
         instances, buckets, classes, args.repeats, args.center_crop, args.random_flip, resampling(args)
     )
