@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--report_to",
         default=None,
-        help="tensorboard, wandb, all or none (default: tensorboard when installed, else none).",
+        help="tensorboard, wandb, a comma list, all (every installed one) or none (default: tensorboard when "
+        "installed, else none). Validation images and the lambda sweep go to each.",
     )
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--push_to_hub", action="store_true", help="Upload the output dir to a Hub model repo.")
