@@ -205,8 +205,10 @@ def read_instances(args: argparse.Namespace) -> list[data.Example]:
         examples = read_dataset_examples(args, args.resolution)
     else:
         warn_ignored_folder_captions(args.instance_data_dir)
+        resample = resampling(args)
+        extra = {} if resample == Image.Resampling.BICUBIC else {"resample": resample}  # data's default
         examples = data.read_examples(
-            args.instance_data_dir, args.instance_prompt, args.resolution, args.caption_extension
+            args.instance_data_dir, args.instance_prompt, args.resolution, args.caption_extension, **extra
         )
     trigger = args.trigger_word
     if trigger is None:
