@@ -136,17 +136,23 @@ def _inspect(args: argparse.Namespace) -> int:
         lambdas = [r["lambda"] for r in mine]
         ranks = sorted({r["rank"] for r in mine})
         cls = meta.get("component_classes", {}).get(component, "?")
+        bound = (
+            f"relative bound rho {config.relative_bound:g} (|dW| <= rho |W| per layer)"
+            if config.relative_bound is not None
+            else "absolute lambda (no relative bound)"
+        )
         print(
             f"  {component or '(not routed)'} ({cls}): {len(mine)} layers, rank {ranks}, init {config.init}, "
-            f"lambda min {min(lambdas):.4g} mean {sum(lambdas) / len(lambdas):.4g} max {max(lambdas):.4g}"
+            f"{bound}, lambda min {min(lambdas):.4g} mean {sum(lambdas) / len(lambdas):.4g} max {max(lambdas):.4g}"
         )
     print(f"layers (|dW| at lambda scale {args.scale:g}):")
-    header = ("component", "layer", "rank", "lambda", "bound |dW|", "|dW|", "|dW|/|W|", "bound/|W|")
+    header = ("component", "layer", "rank", "rho", "lambda", "bound |dW|", "|dW|", "|dW|/|W|", "bound/|W|")
     table = [
         (
             r["component"],
             r["layer"],
             str(r["rank"]),
+            "-" if r["rho"] is None else f"{r['rho']:g}",
             f"{r['lambda']:.4g}",
             f"{r['bound']:.4g}",
             f"{r['delta_norm']:.4g}",

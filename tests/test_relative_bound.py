@@ -142,3 +142,36 @@ def test_config_round_trip_and_old_configs():
     old = {"rank": 4, "lambda_init": 15.0, "init": "paper", "target_modules": None}  # a file from before rho
     assert dd.DeLoRAConfig.from_dict(old).relative_bound is None
     assert dd.DeLoRAConfig().lambda_init == 15.0
+
+
+def test_rho_is_recorded_in_the_file_and_comes_back_per_layer(tmp_path, pipeline_dir, capsys):
+    """Save -> load keeps each layer's rho (set per layer by a pattern) and the images; `inspect` and the
+    app's info panel show rho and each layer's actual |dW|/|W|."""
+    import tiny_pipelines as tp
+    from conftest import make_nontrivial, max_diff
+
+    from delora_diffusion import cli
+    from delora_diffusion.app.info import format_adapter_info
+
+    pipe = tp.load_pipeline(pipeline_dir("sd"))
+    config = dd.DeLoRAConfig(rank=2, relative_bound=0.1, relative_bound_pattern={"to_v": 0.02})
+    dd.inject_delora(pipe.unet, config)
+    make_nontrivial(pipe.unet)
+    pipe.unet.eval()
+    saved_rhos = {n: a.relative_bound for n, _, _, a in dd.iter_delora_layers(pipe.unet)}
+    assert set(saved_rhos.values()) == {0.1, 0.02}
+    images = tp.run(pipe, "sd")
+    pipe.save_delora_weights(tmp_path)
+
+    fresh = tp.load_pipeline(pipeline_dir("sd"))
+    fresh.load_delora_weights(tmp_path)
+    assert {n: a.relative_bound for n, _, _, a in dd.iter_delora_layers(fresh.unet)} == saved_rhos
+    assert max_diff(tp.run(fresh, "sd"), images) < 1e-6
+    rows = fresh.delora_report()
+    assert all(r["relative_delta"] <= r["rho"] * (1 + 1e-5) for r in rows)
+
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "relative bound rho 0.1" in out and " 0.02 " in out
+    panel = format_adapter_info("mine", 1.0, 1.0, rows, fresh.get_delora_metadata())
+    assert "relative bound ρ" in panel and "0.02, 0.1" in panel

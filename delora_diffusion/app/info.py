@@ -91,16 +91,29 @@ def _layer_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     top = sorted(rows, key=lambda r: -float(r.get("relative_delta", 0.0)))[:8]
     if not top:
         return []
-    lines = ["", "| layer | rank | λ | bound ‖ΔW‖/‖W‖ | actual ‖ΔW‖/‖W‖ |", "|---|---|---|---|---|"]
+    lines = ["", "| layer | rank | ρ | λ | bound ‖ΔW‖/‖W‖ | actual ‖ΔW‖/‖W‖ |", "|---|---|---|---|---|---|"]
     for r in top:
         layer = _plain(r.get("layer", "?"), 80).replace("|", "/")
         if r.get("component"):
             layer = f"{_plain(r['component'], 30)}.{layer}"
         lines.append(
-            f"| {layer} | {r.get('rank', '?')} | {float(r.get('lambda', math.nan)):.4g} | "
+            f"| {layer} | {r.get('rank', '?')} | {_rho(r.get('rho'))} | {float(r.get('lambda', math.nan)):.4g} | "
             f"{float(r.get('relative_bound', math.nan)):.4g} | {float(r.get('relative_delta', math.nan)):.4g} |"
         )
     return lines
+
+
+def _rho(value: Any) -> str:
+    return "–" if value is None else f"{float(value):g}"
+
+
+def _rho_line(rows: Sequence[dict[str, Any]]) -> str:
+    """The relative bound as trained (|ΔW| <= ρ |W| on every layer at λ scale 1), or that there is none."""
+    rhos = sorted({float(r["rho"]) for r in rows if r.get("rho") is not None})
+    if not rhos:
+        return "- relative bound ρ: none (absolute λ)"
+    shown = ", ".join(f"{v:g}" for v in rhos)
+    return f"- relative bound ρ (‖ΔW‖ ≤ ρ‖W‖ per layer at λ scale 1): {shown}"
 
 
 def _training_args(metadata: dict[str, Any]) -> list[str]:
@@ -132,6 +145,7 @@ def format_adapter_info(
         f"### {_plain(choice)}",
         f"- weight {weight:g}, λ scale {scale:g} ({len(rows)} layers)",
         f"- rank: {', '.join(map(str, ranks)) or 'n/a'}",
+        _rho_line(rows),
         f"- λ per layer (as trained): {_stats(lambdas)}",
         f"- bound on ‖ΔW‖/‖W‖ now: {_stats(bounds)}",
         f"- actual ‖ΔW‖/‖W‖ now: {_stats(relative)}",

@@ -447,6 +447,16 @@ class AdapterData:
         return DeLoRAConfig.from_dict(self.metadata["configs"][component])
 
 
+def layer_rho(config: DeLoRAConfig, layer: str) -> float | None:
+    """A layer's relative bound as the file records it: an exact-name entry (see io.saving), else the default.
+
+    A dict lookup of the escaped name, never a pattern match, so nothing from the file is evaluated.
+    """
+    if config.relative_bound is None:
+        return None
+    return float(config.relative_bound_pattern.get(re.escape(layer), config.relative_bound))
+
+
 def layer_report(data: AdapterData, scale: float = 1.0) -> list[dict[str, Any]]:
     """Per layer, from the file alone: rank, lambda, the bound and the actual |dW|/|W| at `scale`.
 
@@ -465,5 +475,6 @@ def layer_report(data: AdapterData, scale: float = 1.0) -> list[dict[str, Any]]:
             delta = functional.delta_weight(A, B, lam, w, A.shape[0], scale, A0, B0)
             row = {"component": component, "layer": layer, "rank": A.shape[0], "init": config.init}
             row["lambda"] = lam.item()
+            row["rho"] = layer_rho(config, layer)
             rows.append({**row, **functional.norm_stats(delta, lam * scale, w, A0 is not None)})
     return rows

@@ -71,6 +71,10 @@ def exact_config(config: DeLoRAConfig, layers: Mapping[str, Mapping[str, torch.T
     for key, value in data.items():
         if key.endswith("_pattern") and isinstance(value, dict):
             data[key] = {}
+    literal = {re.escape(n) for n in layers}  # per-layer rho, saved as exact names (io.saving); nothing else
+    data["relative_bound_pattern"] = {
+        k: v for k, v in config.relative_bound_pattern.items() if k in literal and config.relative_bound
+    }
     data.update(
         target_modules=exact_targets(list(layers)),
         exclude_modules=None,

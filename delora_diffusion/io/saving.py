@@ -69,6 +69,27 @@ def adapter_tensors(
     return tensors, conv_shapes
 
 
+def exact_relative_bounds(module: nn.Module, adapter_name: str, config: Any) -> Any:
+    """`config` with its per-layer rho written as exact, escaped layer names (what the loader may match).
+
+    The loader never runs a pattern a file brings; literal layer names are the one exception it accepts, so a
+    rho set per layer by any pattern comes back on exactly the same layers.
+    """
+    import dataclasses
+    import re
+
+    from ..model import iter_delora_layers
+
+    if config.relative_bound is None or not config.relative_bound_pattern:
+        return config
+    exact = {
+        re.escape(canonical_layer_name(name)): layer.relative_bound
+        for name, _, _, layer in iter_delora_layers(module, adapter_name)
+        if layer.relative_bound != config.relative_bound
+    }
+    return dataclasses.replace(config, relative_bound_pattern=exact)
+
+
 def save_delora_file(
     path: str | os.PathLike,
     components: dict[str, nn.Module],
@@ -104,7 +125,10 @@ def save_delora_file(
                 f"{component} has DeLoRA layers named {adapter_name!r} but no recorded DeLoRAConfig; "
                 "create adapters with inject_delora (or load_delora_weights) so the config is known."
             )
-        per_component[component], configs[component] = tensors, config
+        per_component[component], configs[component] = (
+            tensors,
+            exact_relative_bounds(module, adapter_name, config),
+        )
         classes[component] = type(module).__name__
         if convs:
             conv_shapes[component] = convs
