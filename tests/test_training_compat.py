@@ -776,3 +776,56 @@ def test_launch_flow_models_with_buckets_and_lora_layers(family, tmp_path):
     if family == "sd3":
         assert all(".transformer_blocks.0." in f".{name}" for name in layers), layers
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+# --- model flags: separate VAE, tokenizer options, SD3 preconditioning ------------------------------------
+
+
+def test_separate_vae_tokenizer_flags_and_sd3_preconditioning(tmp_path):
+    import shutil
+
+    from delora_diffusion.training import parse_args
+    from delora_diffusion.training.families import inspect_model, load_component
+
+    model = tp.make_sd_pipeline(tmp_path / "sd")
+    vae_dir = tmp_path / "my-vae"
+    shutil.copytree(model / "vae", vae_dir)
+    config = json.loads((vae_dir / "config.json").read_text())
+    (vae_dir / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.123}))
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--pretrained_vae_model_name_or_path",
+        str(vae_dir),
+    ]
+    argv += ["--tokenizer_name", str(model / "tokenizer"), "--tokenizer_max_length", "8"]
+    args = parse_args(argv)
+    info, family = inspect_model(args)
+    vae = load_component(info, "vae", args)
+    assert vae.config.scaling_factor == 0.123  # the separate VAE, read from its root
+    components = {n: load_component(info, n, args) for n in ("tokenizer", "text_encoder")}
+    family.bind(components, torch.device("cpu"))
+    encoders = {"text_encoder": components["text_encoder"]}
+    with torch.no_grad():
+        plain = family.encode_prompts(components, encoders, ["a dog"], args)["prompt_embeds"]
+        args.text_encoder_use_attention_mask = True
+        masked = family.encode_prompts(components, encoders, ["a dog"], args)["prompt_embeds"]
+    assert plain.shape[1] == 8 and masked.shape == plain.shape
+    assert not torch.equal(plain, masked)  # the mask reaches the encoder
+
+    from delora_diffusion.training.families.base import Noised
+    from delora_diffusion.training.families.sd3 import StableDiffusion3
+
+    sd3 = StableDiffusion3.__new__(StableDiffusion3)
+    latents, noise, sigma = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([0.2, 0.7])
+    s = sigma.reshape(-1, 1, 1, 1)
+    noised = Noised((1 - s) * latents + s * noise, sigma * 1000, latents, extra={"sigmas": s})
+    velocity = torch.randn(2, 4, 2, 2)
+
+    def denoiser(**kwargs):
+        return (velocity,)
+
+    cond = {"prompt_embeds": None, "pooled_prompt_embeds": None}
+    pred = sd3.predict(denoiser, noised, cond, {}, argparse.Namespace(precondition_outputs=1))
+    # x_t - sigma * v: the error is sigma * (flow target - v), diffusers' preconditioned SD3 loss
+    torch.testing.assert_close(pred - latents, s * ((noise - latents) - velocity))
