@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from . import checkpointing, distributed
 from .families import Family
-from .util import TrainingConfigError, is_installed, require
-
-logger = logging.getLogger("delora_diffusion.training")
+from .trackers import resolve_report_to
+from .util import TrainingConfigError, require
 
 PATH_FLAGS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir")
 """Flags whose value is (or may be) a local path."""
@@ -93,25 +91,6 @@ def check_model_path(value: str, flag: str = "pretrained_model_name_or_path") ->
     raise TrainingConfigError(
         f"--{flag} {value!r} is a local path that does not exist (so it is not looked up on the hub).{hint}"
     )
-
-
-def resolve_report_to(report_to: str | None) -> str | None:
-    """Tensorboard by default when installed; a named tracker that is missing is an error."""
-    if report_to is None:
-        if is_installed("tensorboard") or is_installed("tensorboardX"):
-            return "tensorboard"
-        logger.info(
-            "tensorboard is not installed: metrics go to the progress bar only (pip install tensorboard)."
-        )
-        return None
-    if report_to == "none":
-        return None
-    for name in ["tensorboard", "wandb"] if report_to == "all" else [report_to]:
-        if name == "tensorboard" and not is_installed("tensorboardX"):
-            require("tensorboard", "--report_to tensorboard")
-        elif name == "wandb":
-            require("wandb", "--report_to wandb")
-    return report_to
 
 
 def check_model(args: argparse.Namespace, family: Family) -> None:
