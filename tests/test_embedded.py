@@ -180,6 +180,10 @@ def test_short_default_run_through_accelerate_launch(tmp_path):
     assert Path(local["instance_data_dir"]).resolve() == default_subject().path.resolve()
     card = (out / "README.md").read_text()
     assert "sks" in card and "load_delora_weights" in card
+    from delora_diffusion.training.args import DEFAULT_RELATIVE_BOUND
+
+    rho = DEFAULT_RELATIVE_BOUND  # the default run trains under the relative bound, recorded in file and card
+    assert meta["configs"]["unet"]["relative_bound"] == rho and f"relative bound rho {rho:g}" in card
     assert (out / "validation" / "lambda_sweep.png").exists()
     contexts = Image.open(out / "validation" / "prompts.png")  # the subject on every background, one row each
     assert contexts.size == (64, 64 * len(world.BACKGROUNDS)) and "prompts.png" in card

@@ -372,6 +372,18 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
             "--extra_validation_prompts",
             "a",
         ],
+        "--delora_relative_bound: DeLoRAConfig.relative_bound must be": [
+            "--instance_data_dir",
+            str(instance_dir),
+            "--delora_relative_bound",
+            "0",
+        ],
+        "--delora_lambda: DeLoRAConfig.lambda_init must be a finite": [
+            "--instance_data_dir",
+            str(instance_dir),
+            "--delora_lambda",
+            "inf",
+        ],
     }
     for tracker in ("tensorboard", "wandb"):  # a missing tracker (the dev extra installs tensorboard)
         if not is_installed(tracker) and not (tracker == "tensorboard" and is_installed("tensorboardX")):

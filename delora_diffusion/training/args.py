@@ -23,6 +23,10 @@ INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "box",
 
 DEFAULT_OUTPUT_DIR = "outputs/dreambooth-delora"
 
+DEFAULT_RELATIVE_BOUND = 0.3
+"""rho: every adapted layer keeps |dW|_F <= 0.3 |W|_F (benchmarks/RESULTS.md, "Relative bound"). Unlike an
+absolute lambda it means the same on every layer width, so it carries from the bundled model to real ones."""
+
 # The default run (no flags): the bundled 64x64 model and subject. Tuned to finish in a few minutes on a
 # 2-core CPU. Change the embedded default's hyperparameters here, and only here.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
@@ -30,7 +34,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "train_batch_size": 4,
     "max_train_steps": 1000,
     "learning_rate": 1e-3,
-    "delora_lambda": 15.0,
+    "delora_relative_bound": DEFAULT_RELATIVE_BOUND,
     "delora_lambda_lr": 1e-3,
     "rank": 4,
     # Attention alone learned the subject's shape but not its two colours in 1000 steps; adding the
@@ -54,7 +58,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "train_batch_size": 4,
     "max_train_steps": None,  # num_train_epochs decides
     "learning_rate": 1e-3,
-    "delora_lambda": 15.0,
+    "delora_relative_bound": DEFAULT_RELATIVE_BOUND,
     "delora_lambda_lr": None,  # same as --learning_rate
     "rank": 8,
     "lr_warmup_steps": 0,
@@ -311,7 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=3.5, help="Flux guidance during training.")
 
     g = p.add_argument_group("DeLoRA")
-    g.add_argument("--delora_lambda", type=float, default=None, help="Initial lambda of every layer.")
+    g.add_argument(
+        "--delora_relative_bound",
+        type=float,
+        default=None,
+        help=f"rho: every layer keeps |dW| <= rho |W| at every step (default {DEFAULT_RELATIVE_BOUND}).",
+    )
+    g.add_argument(
+        "--delora_lambda",
+        type=float,
+        default=None,
+        help="An absolute initial lambda for every layer instead of --delora_relative_bound (PEFT's way).",
+    )
     g.add_argument(
         "--delora_lambda_lr", type=float, default=None, help="Learning rate of lambda (own param group)."
     )
@@ -349,13 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags and fill the unset tunables from the embedded or the generic defaults."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.delora_lambda is not None and args.delora_relative_bound is not None:
+        parser.error(
+            "--delora_lambda and --delora_relative_bound are mutually exclusive: give rho (the same bound on "
+            "every layer width) or an absolute lambda, not both."
+        )
+    absolute_lambda = args.delora_lambda is not None
     args.embedded = args.pretrained_model_name_or_path is None
     cache_given = args.cache_latents is not None
     defaults = EMBEDDED_DEFAULTS if args.embedded else GENERIC_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if absolute_lambda:
+        args.delora_relative_bound = None
     if args.delora_lambda_lr is None:
         args.delora_lambda_lr = args.learning_rate
     if args.text_encoder_lr is None:

@@ -53,6 +53,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingConfigError("--checkpoints_total_limit must be at least 1.")
     if not 0.0 <= args.delora_module_dropout < 1.0:
         raise TrainingConfigError("--delora_module_dropout must be in [0, 1).")
+    check_delora_bound(args)
     if args.use_8bit_adam:
         if args.optimizer != "adamw":
             raise TrainingConfigError("--use_8bit_adam works with --optimizer adamw only.")
@@ -65,6 +66,22 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag, None):
             check_model_path(getattr(args, flag), flag)
     checkpointing.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+
+
+def check_delora_bound(args: argparse.Namespace) -> None:
+    """--delora_relative_bound / --delora_lambda as DeLoRAConfig will take them, named by their flags."""
+    from ..config import DeLoRAConfig
+
+    bound = (
+        {"relative_bound": args.delora_relative_bound}
+        if getattr(args, "delora_relative_bound", None) is not None
+        else {"lambda_init": args.delora_lambda}
+    )
+    try:
+        DeLoRAConfig(**bound)
+    except ValueError as err:
+        flag = "--delora_relative_bound" if "relative_bound" in bound else "--delora_lambda"
+        raise TrainingConfigError(f"{flag}: {err}") from None
 
 
 def check_model_path(value: str, flag: str = "pretrained_model_name_or_path") -> None:

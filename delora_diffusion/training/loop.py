@@ -224,6 +224,7 @@ def inject_adapters(family: Family, components: dict, args: argparse.Namespace) 
     common = {
         "rank": args.rank,
         "lambda_init": args.delora_lambda,
+        "relative_bound": args.delora_relative_bound,
         "init": args.delora_init,
         "module_dropout": args.delora_module_dropout,
     }

@@ -176,7 +176,7 @@ def model_card_text(
         "## Settings",
         "",
         f"- Base model: `{base_text}` ({pipeline_class})",
-        f"- DeLoRA: rank {args.rank}, initial lambda {args.delora_lambda}, init `{args.delora_init}`, "
+        f"- DeLoRA: rank {args.rank}, {_bound_text(args)}, init `{args.delora_init}`, "
         f"targets `{args.delora_targets or 'model preset'}`, module dropout {args.delora_module_dropout}",
         f"- Text encoder trained: {'yes' if args.train_text_encoder else 'no'}",
         f"- {steps} steps, batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation, "
@@ -213,3 +213,11 @@ def write_model_card(
     del base_model
     text = model_card_text(args, pipeline_class, grids, steps, family, repo_id)
     return atomic_write_text(Path(adapter_dir) / "README.md", text)
+
+
+def _bound_text(args: Any) -> str:
+    """How far each layer may move: the relative bound rho, or the absolute initial lambda."""
+    rho = getattr(args, "delora_relative_bound", None)
+    if rho is not None:
+        return f"relative bound rho {rho:g} (every layer keeps |dW| <= {rho:g} |W|)"
+    return f"initial lambda {args.delora_lambda} (absolute, no relative bound)"
