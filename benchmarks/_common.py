@@ -58,6 +58,27 @@ def tiny_spec(batch: int = 4, latent: int = 16, rank: int = 8) -> UNetSpec:
     )
 
 
+def smoke_spec() -> UNetSpec:
+    """The smallest UNet with every code path (cross-attention, resnet convs): the device suite's --smoke."""
+    return UNetSpec(
+        "smoke-unet (32,64)",
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            sample_size=8,
+        ),
+        latent=8,
+        batch=1,
+        rank=4,
+        text_len=8,
+    )
+
+
 def medium_spec() -> UNetSpec:
     """~20M parameters, SD-like layout at reduced width: the full-mode configuration on a CPU."""
     return UNetSpec(
@@ -131,6 +152,28 @@ def sdxl_spec() -> UNetSpec:
         checkpointing=True,
         sdxl=True,
     )
+
+
+def cpu_layout_spec(
+    layout: str, latent: int = 16, batch: int = 1, dtype: torch.dtype = torch.float32
+) -> UNetSpec:
+    """SD1.5's or SDXL's real UNet layout (every layer at full width, rank 32) at a CPU-sized batch.
+
+    Only the latent size, the batch and the dtype shrink, so per-layer weight-space work (the fold) and
+    per-token work keep their real ratio to each other at small latents, the regime of a launch-bound GPU.
+    """
+    spec = {"sd15": sd15_spec, "sdxl": sdxl_spec}[layout]()
+    spec.unet["sample_size"] = latent
+    spec.name = f"{layout} layout, {latent}x{latent} latents, batch {batch}, {str(dtype).split('.')[-1]}"
+    spec.latent, spec.batch, spec.dtype = latent, batch, dtype
+    return spec
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that shares the (frozen) parameters and buffers: variants then add only their own tensors,
+    so four variants of an SD-size UNet fit in a CPU's memory."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def build_unet(spec: UNetSpec, device: torch.device, seed: int = 0) -> nn.Module:
@@ -235,7 +278,7 @@ class Trainer:
 
 
 def make_trainer(base: nn.Module, spec: UNetSpec, variant: str, batch: dict[str, Any]) -> Trainer:
-    unet = copy.deepcopy(base)
+    unet = shared_copy(base)
     base_bytes = tensor_bytes(list(unet.parameters()) + list(unet.buffers()))
     inject_variant(unet, variant, spec.rank)
     if spec.checkpointing:

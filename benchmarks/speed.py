@@ -4,6 +4,8 @@
     python benchmarks/speed.py                    # CUDA: SD1.5-size and SDXL-size UNets; CPU: a medium UNet
     python benchmarks/speed.py --json out.json    # also write every number
     python benchmarks/speed.py --quick --variants ours-paper peft-lora ours-paper-keep   # opt-in variants
+    python benchmarks/speed.py --layouts sd15 sdxl --latent 16 --batch 1 --rounds 4   # real layouts on a CPU
+    python benchmarks/speed.py --compile eager    # every variant under torch.compile (backend eager)
 
 Training: each variant gets its own copy of the same random-init UNet, the same batch and AdamW; one round
 runs one forward + backward + optimizer step of every variant (order rotated per round), so machine noise hits
@@ -47,12 +49,20 @@ def train_benchmark(
     rounds: int,
     warmup: int,
     budget: float | None = None,
+    compile_backend: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Interleaved step times and per-variant memory for one UNet configuration."""
+    """Interleaved step times and per-variant memory for one UNet configuration.
+
+    The variants share the frozen weights (:func:`_common.shared_copy`). With `compile_backend` every
+    variant's UNet runs under ``torch.compile`` with that backend (memory is measured uncompiled).
+    """
     base = C.build_unet(spec, device)
     batch = C.make_batch(spec, device)
     trainers = {v: C.make_trainer(base, spec, v, batch) for v in variants}
-    del base
+    memory = {v: C.memory_report(trainers[v], device) for v in variants}
+    if compile_backend:
+        for trainer in trainers.values():
+            trainer.unet = torch.compile(trainer.unet, backend=compile_backend)
     losses = {v: [] for v in variants}
 
     def stepper(v: str):
@@ -63,12 +73,11 @@ def train_benchmark(
     lora_ms = C.median(times.wall["peft-lora"])
     lora_cpu = C.median(times.cpu["peft-lora"])
     for v in variants:
-        memory = C.memory_report(trainers[v], device)
         step_ms = C.median(times.wall[v])
         cpu_ms = C.median(times.cpu[v])
         rows.append(
             {
-                "config": spec.name,
+                "config": spec.name + (f", compiled ({compile_backend})" if compile_backend else ""),
                 "variant": v,
                 "step_ms": step_ms,
                 "step_ms_min": min(times.wall[v]),
@@ -79,7 +88,7 @@ def train_benchmark(
                 "step_ms_all": times.wall[v],
                 "final_loss": losses[v][-1],
                 "trainable_params": sum(p.numel() for p in C.trainable_parameters(trainers[v].unet)),
-                **memory,
+                **memory[v],
             }
         )
     return rows
@@ -165,6 +174,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--latent", type=int, default=None, help="override the latent size (quick mode)")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference measurements")
     parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=["sd15", "sdxl"],
+        default=None,
+        help="real UNet layouts at --latent (16) and --batch (1): the CPU mode at real shapes",
+    )
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="frozen model dtype (--layouts)"
+    )
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile every variant")
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -173,10 +193,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     args = parser.parse_args(argv)
 
-    if args.threads or args.quick:
+    if args.threads or args.quick or args.layouts:
         torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
-    if args.quick:
+    if args.layouts:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        specs = [C.cpu_layout_spec(name, args.latent or 16, args.batch or 1, dtype) for name in args.layouts]
+        rounds, warmup = args.rounds or 4, args.warmup or 1
+        budget = args.budget
+    elif args.quick:
         specs = [C.tiny_spec(batch=args.batch or 4, latent=args.latent or 16)]
         rounds, warmup = args.rounds or 30, args.warmup or 3
         budget = args.budget or 45.0
@@ -204,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inference": [],
     }
     for spec in specs:
-        rows = train_benchmark(spec, device, args.variants, rounds, warmup, budget)
+        rows = train_benchmark(spec, device, args.variants, rounds, warmup, budget, args.compile)
         results["train"] += rows
         print(markdown_train(rows), flush=True)
         if not args.no_inference:

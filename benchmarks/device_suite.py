@@ -1,0 +1,309 @@
+"""Everything a GPU must show for the fast path, in one command: speed, memory, fused inference, training runs.
+
+On the GPU machine (H100/H200; under 8 minutes). It lacks diffusers, so fetch the pure-Python wheels here once
+(network needed; they land in the git-ignored ``.whl``)::
+
+    bash ../shared/tools/device-wheels.sh
+
+then run, with the device tool, ``carry: [".whl"]``, ``timeout_s: 600`` and this command::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
+      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/device_suite.py --out $OUT
+
+It writes ``device_suite.json`` (every number) and ``device_suite.log`` (the tables) into ``--out``
+(default ``$OUT``, else ./device_suite_out). Sections, each timed and allowed to fail alone:
+
+1. ``speed_eager``: training step and peak memory, SD1.5 layout (bf16, 512 px, batch 4) and SDXL layout
+   (bf16, 1024 px, batch 2, gradient checkpointing), ours (paper, zero) vs PEFT LoRA vs PEFT DeLoRA,
+   interleaved rounds (benchmarks/speed.py's ``train_benchmark``).
+2. ``speed_compiled``: the same on SD1.5 under ``torch.compile`` (``--compile-backend``, default inductor),
+   our default init against PEFT LoRA.
+3. ``inference``: SD1.5 forward unfused / fused / base, and the time of a lambda change (unfused: a refold;
+   fused: a re-merge of every layer).
+4. ``train_sd15`` / ``train_sdxl``: the real training script (accelerate launch, bf16, gradient checkpointing,
+   8-bit Adam when bitsandbytes imports) on random-init SD1.5- and SDXL-size pipelines built from configs and
+   saved with ``save_pretrained`` to a temporary folder.
+
+``--smoke`` runs the same code paths on a CPU with tiny shapes (eager-backend compile, fp32 speed, bf16
+training) in under 3 minutes and prints ``device suite ok`` last; any failed section prints
+``device suite FAILED`` instead and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "tests")]
+import _common as C  # noqa: E402
+import speed  # noqa: E402
+
+# --- pipelines to train on --------------------------------------------------------------------------------------
+
+
+def _clip_text(hidden: int, layers: int, heads: int, projection: bool = False) -> torch.nn.Module:
+    """A random-init CLIP text encoder of real width and depth; the vocabulary is the tiny test tokenizer's."""
+    import tiny_pipelines as tp
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=tp.CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        projection_dim=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=tp.MAX_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def make_real_size_pipeline(family: str, path: Path) -> Path:
+    """SD1.5- or SDXL-size pipeline (UNet, VAE, text encoders at real sizes, random init), saved to `path`."""
+    import tiny_pipelines as tp
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(0)
+    spec = C.sd15_spec() if family == "sd15" else C.sdxl_spec()
+    unet = UNet2DConditionModel(**spec.unet).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    ).eval()
+    if family == "sd15":
+        pipe = StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=_clip_text(768, 12, 12),
+            tokenizer=tp.clip_tokenizer(),
+            scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=_clip_text(768, 12, 12),
+            text_encoder_2=_clip_text(1280, 32, 20, projection=True),
+            tokenizer=tp.clip_tokenizer(),
+            tokenizer_2=tp.clip_tokenizer(),
+            scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", timestep_spacing="leading"),
+        )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _instance_images(folder: Path, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    return folder
+
+
+def training_run(family: str, smoke: bool, work: Path, steps: int) -> dict[str, Any]:
+    """The real script through ``accelerate launch``: bf16, gradient checkpointing, 8-bit Adam if available."""
+    import tiny_pipelines as tp
+
+    start = time.perf_counter()
+    model = work / f"model-{family}"
+    if smoke:
+        (tp.make_sd_pipeline if family == "sd15" else tp.make_sdxl_pipeline)(model)
+    else:
+        make_real_size_pipeline(family, model)
+    built_s = time.perf_counter() - start
+    resolution = 32 if smoke else (512 if family == "sd15" else 1024)
+    try:
+        import bitsandbytes  # noqa: F401
+
+        eight_bit = ["--use_8bit_adam"] if torch.cuda.is_available() else []
+    except ImportError:
+        eight_bit = []
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "bf16", "--dynamo_backend", "no"] + (["--cpu"] if smoke else [])
+    args = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(work / f"out-{family}")]
+    args += ["--instance_data_dir", str(_instance_images(work / f"images-{family}", resolution))]
+    args += ["--instance_prompt", "a photo of sks dog", "--resolution", str(resolution), "--rank", "32"]
+    args += ["--train_batch_size", "1", "--max_train_steps", str(steps), "--learning_rate", "1e-3"]
+    args += ["--gradient_checkpointing", "--seed", "0", "--report_to", "none", "--mixed_precision", "bf16"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    command = [*launch, str(ROOT / "train_scripts" / "dreambooth_delora.py"), *args, *eight_bit]
+    run_start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    losses = [float(x) for x in re.findall(r"loss=([0-9.eE+-]+)", proc.stderr + proc.stdout)]
+    if proc.returncode != 0:
+        raise RuntimeError(f"training script exit {proc.returncode}:\n{proc.stderr[-4000:]}")
+    saved = work / f"out-{family}" / "delora_weights.safetensors"
+    if not saved.exists():
+        raise RuntimeError(f"no adapter saved at {saved}")
+    return {
+        "steps": steps,
+        "resolution": resolution,
+        "eight_bit_adam": bool(eight_bit),
+        "build_s": built_s,
+        "run_s": time.perf_counter() - run_start,
+        "losses_shown": losses[-3:],
+        "adapter_mib": saved.stat().st_size / 2**20,
+    }
+
+
+# --- the runner ---------------------------------------------------------------------------------------------------
+
+
+class Suite:
+    """Runs named sections, keeps going after a failure, and writes the JSON and the log as it goes."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.results, self.failed = out, {"sections": {}}, []
+        self.log_file = (out / "device_suite.log").open("w")
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        self.log_file.write(text + "\n")
+        self.log_file.flush()
+
+    def section(self, name: str, fn: Callable[[], Any], render: Callable[[Any], str] | None = None) -> None:
+        self.log(f"\n== {name}")
+        start = time.perf_counter()
+        try:
+            value = fn()
+            entry = {"ok": True, "seconds": time.perf_counter() - start, "result": value}
+            self.log(render(value) if render else json.dumps(value, indent=1, default=str))
+        except Exception as error:  # noqa: BLE001 - one failed section must not hide the others
+            entry = {"ok": False, "seconds": time.perf_counter() - start, "error": repr(error)}
+            self.log(traceback.format_exc())
+            self.failed.append(name)
+        self.log(f"({name}: {entry['seconds']:.1f} s)")
+        self.results["sections"][name] = entry
+        (self.out / "device_suite.json").write_text(json.dumps(self.results, indent=1, default=str))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, same code paths, < 3 minutes")
+    parser.add_argument("--out", type=Path, default=None, help="default: $OUT, else ./device_suite_out")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (GPU default 10)")
+    parser.add_argument("--compile-backend", default=None, help="default: inductor on CUDA, eager in --smoke")
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="training-script steps (GPU default 20)"
+    )
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="section names to skip (speed_eager, speed_compiled, ...)"
+    )
+    args = parser.parse_args(argv)
+
+    out = args.out or Path(os.environ.get("OUT") or "device_suite_out")
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.smoke:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        specs = [C.smoke_spec()]
+        rounds, warmup, backend, steps = (
+            args.rounds or 2,
+            1,
+            args.compile_backend or "eager",
+            args.train_steps or 2,
+        )
+    else:
+        specs = [C.sd15_spec(), C.sdxl_spec()]
+        rounds, warmup, steps = args.rounds or 10, 3, args.train_steps or 20
+        backend = args.compile_backend or "inductor"
+    suite = Suite(out)
+    suite.results["environment"] = _environment(device)
+    suite.results["command"] = " ".join(["python", "benchmarks/device_suite.py", *(argv or sys.argv[1:])])
+    suite.log(json.dumps(suite.results["environment"]))
+    variants = list(C.VARIANTS)
+    sections: list[tuple[str, Callable[[], Any], Callable[[Any], str] | None]] = [
+        (
+            "speed_eager",
+            lambda: [
+                row for s in specs for row in speed.train_benchmark(s, device, variants, rounds, warmup)
+            ],
+            speed.markdown_train,
+        ),
+        (
+            "speed_compiled",
+            lambda: speed.train_benchmark(
+                specs[0], device, [speed.DEFAULT_VARIANT, "peft-lora"], rounds, warmup, None, backend
+            ),
+            speed.markdown_train,
+        ),
+        (
+            "inference",
+            lambda: speed.inference_benchmark(specs[0], device, rounds, warmup),
+            speed.markdown_inference,
+        ),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("sd15", "sdxl"):
+            sections.append(
+                (f"train_{family}", lambda f=family: training_run(f, args.smoke, Path(tmp), steps), None)
+            )
+        for name, fn, render in sections:
+            if name not in args.skip:
+                suite.section(name, fn, render)
+    suite.results["failed"] = suite.failed
+    (out / "device_suite.json").write_text(json.dumps(suite.results, indent=1, default=str))
+    suite.log("\ndevice suite FAILED: " + ", ".join(suite.failed) if suite.failed else "\ndevice suite ok")
+    return 1 if suite.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
