@@ -164,7 +164,7 @@ def cpu_layout_spec(
     """
     spec = {"sd15": sd15_spec, "sdxl": sdxl_spec}[layout]()
     spec.unet["sample_size"] = latent
-    spec.name = f"{layout} layout, {latent}x{latent} latents, batch {batch}, {str(dtype).split('.')[-1]}"
+    spec.name = f"{layout} layout, {latent}x{latent} latents, batch {batch}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
     spec.latent, spec.batch, spec.dtype = latent, batch, dtype
     return spec
 
@@ -367,7 +367,9 @@ def _persistent_adapter_tensors(trainer: Trainer) -> list[torch.Tensor]:
     plan = unet.__dict__.get("_delora_plan")
     if plan is not None:
         for group in plan.groups.values():
-            tensors += [t for t in vars(group).values() if isinstance(t, torch.Tensor)]
+            for value in vars(group).values():  # w, lambda_max and the paper init's pre-folded frozen pair
+                values = value if isinstance(value, tuple) else (value,)
+                tensors += [t for t in values if isinstance(t, torch.Tensor)]
     return tensors
 
 
