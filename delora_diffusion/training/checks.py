@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpointing, distributed
+from .buckets import check_bucket_args
 from .families import Family
+from .hub import check_hub_args
 from .trackers import resolve_report_to
 from .util import TrainingConfigError, require
 
@@ -27,8 +29,10 @@ MODEL_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_pa
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag checks that need no model; each failure is a TrainingConfigError naming the flag."""
-    if args.instance_data_dir is None:
-        raise TrainingConfigError("--instance_data_dir is required with --pretrained_model_name_or_path.")
+    if args.instance_data_dir is None and not args.dataset_name:
+        raise TrainingConfigError(
+            "--instance_data_dir (or --dataset_name) is required with --pretrained_model_name_or_path."
+        )
     if not args.instance_prompt:
         raise TrainingConfigError('--instance_prompt is required (e.g. "a photo of sks dog").')
     if args.with_prior_preservation:
@@ -61,6 +65,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.optimizer == "prodigy":
         require("prodigyopt", "--optimizer prodigy")
     args.report_to = resolve_report_to(args.report_to)
+    check_hub_args(args)
     distributed.check_args(args)
     for flag in MODEL_FLAGS:
         if getattr(args, flag, None):
@@ -117,6 +122,7 @@ def check_model(args: argparse.Namespace, family: Family) -> None:
     if args.max_sequence_length is None:
         args.max_sequence_length = family.default_max_sequence_length
     multiple = family.pixel_multiple()
+    check_bucket_args(args, multiple)
     if args.resolution < multiple or args.resolution % multiple:
         extra = " (VAE factor x 2 for Flux's latent packing)" if family.latent_multiple > 1 else ""
         raise TrainingConfigError(
@@ -129,7 +135,7 @@ def training_args_record(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as JSON-safe values, with local paths resolved: for the local ``training_args.json`` only."""
     record = {}
     for key, value in sorted(vars(args).items()):
-        if key in ("local_rank",):
+        if key in ("local_rank", "hub_token"):  # the token must not reach files, metadata or trackers
             continue
         if key in PATH_FLAGS and value is not None and Path(value).exists():
             value = str(Path(value).resolve())

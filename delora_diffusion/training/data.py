@@ -82,15 +82,22 @@ def read_caption(path: Path, fallback: str) -> str:
     return text.strip() or fallback
 
 
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+def resize_short_side(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
     w, h = image.size
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return image if new == (w, h) else image.resize(new, Image.Resampling.BICUBIC)
+    return image if new == (w, h) else image.resize(new, resample)
 
 
 def read_examples(
-    folder: str | Path, prompt: str, resolution: int, caption_extension: str = ".txt", what: str = "instance"
+    folder: str | Path,
+    prompt: str,
+    resolution: int,
+    caption_extension: str = ".txt",
+    what: str = "instance",
+    resample: Image.Resampling = Image.Resampling.BICUBIC,  # --image_interpolation_mode
 ) -> list[Example]:
     """Read every usable image of `folder`; unreadable files are listed in one warning and skipped."""
     folder = Path(folder)
@@ -111,7 +118,7 @@ def read_examples(
         if sidecar is not None and sidecar.is_file():
             caption = read_caption(sidecar, prompt)
         original = (image.height, image.width)
-        examples.append(Example(resize_short_side(image, resolution), caption, original, path))
+        examples.append(Example(resize_short_side(image, resolution, resample), caption, original, path))
     if bad:
         logger.warning("Skipped %d unreadable %s image(s) in %s: %s", len(bad), what, folder, "; ".join(bad))
     if not examples and what == "instance":

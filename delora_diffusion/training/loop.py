@@ -24,9 +24,10 @@ from ..config import DeLoRAConfig
 from ..model import delora_parameters, inject_delora
 from ..targets import PRESETS
 from ..util import dtype_from_name
-from . import checkpointing, data, distributed
+from . import buckets, checkpointing, data, distributed, sources
 from .args import resolve_embedded
 from .checks import check_args, check_model, training_args_record
+from .compat import enable_attention_backends, prodigy_kwargs
 from .families import Family, ModelInfo, inspect_model, load_component
 from .outputs import TrainResult, write_outputs
 from .steps import ADAPTER_NAME, StepState, train_steps
@@ -94,9 +95,7 @@ def setup(args: argparse.Namespace) -> Run:
     check_args(args)
     info, family = inspect_model(args)
     check_model(args, family)
-    instances = data.read_examples(
-        args.instance_data_dir, args.instance_prompt, args.resolution, args.caption_extension
-    )
+    instances = sources.read_instances(args)  # --dataset_name or the folder; trigger word; caption warnings
     record = training_args_record(args)
     from ..io import shareable_args
 
@@ -183,6 +182,7 @@ def build_models(run: Run) -> None:
     args, family = run.args, run.family
     run.components = components = load_models(family, args, run.dtype, run.accelerator.device)
     family.bind(components, run.accelerator.device)
+    enable_attention_backends(components[family.denoiser], args)
     run.classes = prepare_class_images(run) if args.with_prior_preservation else None
     run.adapted = adapted = inject_adapters(family, components, args)
     if args.gradient_checkpointing:
@@ -298,23 +298,19 @@ def free_name(folder: Path, index: int) -> Path:
 def build_data(run: Run) -> None:
     """The dataset and loader; prompt embeddings are computed once when the text encoders are frozen."""
     args, family, components = run.args, run.family, run.components
-    dataset = data.DreamBoothDataset(
-        run.instances, args.resolution, run.classes, args.repeats, args.center_crop, args.random_flip
-    )
+    dataset, loader_kwargs = buckets.make_dataset(run.instances, run.classes, args, family.pixel_multiple())
     if args.cache_latents:
         vae, device = components["vae"], run.accelerator.device
         with torch.no_grad():
             dataset.cache_latents(lambda px: vae.encode(px.to(device, run.dtype)).latent_dist.parameters)
     run.loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=data.collate,
-        num_workers=args.dataloader_num_workers,
+        dataset, num_workers=args.dataloader_num_workers, **loader_kwargs
     )
     run.tokenizers = {name: components[name] for name in family.tokenizers}
     if not args.train_text_encoder:
         prompts = {e.prompt for e in dataset.instances} | {e.prompt for e in dataset.classes}
+        if args.caption_dropout_rate > 0:
+            prompts.add("")  # dropped captions
         encoders = {name: components[name] for name in family.text_encoders}
         with torch.no_grad():
             for prompt in sorted(prompts):
@@ -341,7 +337,9 @@ def make_optimizer(
         prodigyopt = require("prodigyopt", "--optimizer prodigy")
         if args.learning_rate < 0.1:
             logger.warning("Prodigy adapts the step size itself; --learning_rate around 1.0 is usual.")
-        return prodigyopt.Prodigy(groups, betas=betas, beta3=args.prodigy_beta3, eps=args.adam_epsilon)
+        return prodigyopt.Prodigy(
+            groups, betas=betas, beta3=args.prodigy_beta3, eps=args.adam_epsilon, **prodigy_kwargs(args)
+        )
     if args.use_8bit_adam:
         bnb = require("bitsandbytes", "--use_8bit_adam")
         return bnb.optim.AdamW8bit(groups, betas=betas, eps=args.adam_epsilon)

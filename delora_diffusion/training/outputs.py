@@ -7,6 +7,7 @@ adapter's metadata and the card hold the shareable record (:func:`delora_diffusi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from torch import nn
 
 from ..util import atomic_write_text
 from . import distributed
+from .exports import write_lora_files
+from .hub import push_to_hub
 from .model_card import write_model_card
 from .steps import ADAPTER_NAME
 from .validation import run_validation
@@ -91,18 +94,22 @@ def write_outputs(run: Run) -> TrainResult:
     if accelerator.is_main_process:
         adapter_path = save_adapter(run, output_dir / WEIGHT_NAME)
         logger.info("Saved the adapter to %s", adapter_path)
+        write_lora_files(adapter_path, output_dir, kohya=run.args.output_kohya_format)
     grids: dict[str, Path] = {}
     if run.args.validation_prompt:
         grids = validate(run, "final", run.global_step, sweep=True)
     if accelerator.is_main_process:
         pipeline_class = run.info.index.get("_class_name", "DiffusionPipeline")
         base_model = shareable_model_name(run.args.pretrained_model_name_or_path)
-        write_model_card(
-            run.args, pipeline_class, base_model, output_dir, grids, run.global_step, family=run.family.name
+        card = functools.partial(
+            write_model_card, run.args, pipeline_class, base_model, output_dir, grids, run.global_step
         )
+        card(family=run.family.name)
         atomic_write_text(output_dir / "training_args.json", json.dumps(run.record, indent=2) + "\n")
         if run.state.skipped:
             logger.warning("%d step(s) were skipped for non-finite losses.", run.state.skipped)
+        if run.args.push_to_hub:
+            push_to_hub(run.args, before_upload=lambda repo_id: card(family=run.family.name, repo_id=repo_id))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, adapter_path, run.global_step, run.state.skipped, run.adapted)
