@@ -268,6 +268,26 @@ def test_hub_dataset_id_from_the_cache(tmp_path, monkeypatch):
     assert [e.prompt for e in read_instances(parse_args(argv))] == ["sks dog 0", "sks dog 1"]
 
 
+def test_image_interpolation_mode_reaches_folder_and_dataset_images(tmp_path):
+    from delora_diffusion.training import parse_args
+    from delora_diffusion.training.sources import read_instances
+
+    folder = tmp_path / "imgs"
+    write_images(folder, [(64, 48)])
+    base = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "sks", "--resolution", "24"]
+    pixels = {}
+    for mode in ("nearest", "lanczos", None):
+        argv = [*base, "--instance_data_dir", str(folder)] + (
+            ["--image_interpolation_mode", mode] if mode else []
+        )
+        (example,) = read_instances(parse_args(argv))
+        pixels[mode] = np.asarray(example.image)
+    expected = Image.open(folder / "0.png").convert("RGB").resize((32, 24), Image.Resampling.NEAREST)
+    np.testing.assert_array_equal(pixels["nearest"], np.asarray(expected))
+    assert not np.array_equal(pixels["nearest"], pixels["lanczos"])
+    assert not np.array_equal(pixels[None], pixels["lanczos"])  # the default stays bicubic
+
+
 def test_trigger_word_and_caption_dropout():
     from delora_diffusion.training import data
     from delora_diffusion.training.sources import caption_dropout, derive_trigger, has_trigger
