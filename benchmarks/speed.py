@@ -155,6 +155,28 @@ def markdown_inference(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _configuration(args: argparse.Namespace, device: torch.device) -> tuple[list[C.UNetSpec], int, int, Any]:
+    """(UNet specs, rounds, warm-up rounds, time budget) for the chosen mode."""
+    if args.layouts:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        specs = [C.cpu_layout_spec(name, args.latent or 16, args.batch or 1, dtype) for name in args.layouts]
+        rounds, warmup = args.rounds or 4, args.warmup or 1
+        budget = args.budget
+    elif args.quick:
+        specs = [C.tiny_spec(batch=args.batch or 4, latent=args.latent or 16)]
+        rounds, warmup = args.rounds or 30, args.warmup or 3
+        budget = args.budget or 45.0
+    elif device.type == "cuda":
+        specs = [C.sd15_spec(), C.sdxl_spec()]
+        rounds, warmup = args.rounds or 20, args.warmup or 3
+        budget = args.budget
+    else:
+        specs = [C.medium_spec()]
+        rounds, warmup = args.rounds or 10, args.warmup or 2
+        budget = args.budget
+    return specs, rounds, warmup, budget
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, tiny UNet, under 2 minutes")
@@ -196,23 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads or args.quick or args.layouts:
         torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
-    if args.layouts:
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        specs = [C.cpu_layout_spec(name, args.latent or 16, args.batch or 1, dtype) for name in args.layouts]
-        rounds, warmup = args.rounds or 4, args.warmup or 1
-        budget = args.budget
-    elif args.quick:
-        specs = [C.tiny_spec(batch=args.batch or 4, latent=args.latent or 16)]
-        rounds, warmup = args.rounds or 30, args.warmup or 3
-        budget = args.budget or 45.0
-    elif device.type == "cuda":
-        specs = [C.sd15_spec(), C.sdxl_spec()]
-        rounds, warmup = args.rounds or 20, args.warmup or 3
-        budget = args.budget
-    else:
-        specs = [C.medium_spec()]
-        rounds, warmup = args.rounds or 10, args.warmup or 2
-        budget = args.budget
+    specs, rounds, warmup, budget = _configuration(args, device)
     if "peft-lora" not in args.variants:
         parser.error("peft-lora is the reference; keep it in --variants")
 
