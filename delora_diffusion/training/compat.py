@@ -19,10 +19,11 @@ logger = logging.getLogger(__name__)
 
 REFUSED: dict[str, str] = {
     "use_dora": "DoRA rescales the columns of W + dW; DeLoRA already decouples the update's direction "
-    "(A, B) from its strength, a learnable lambda per layer. Drop --use_dora; set the strength with "
-    "--delora_lambda (and its learning rate with --delora_lambda_lr).",
-    "lora_alpha": "DeLoRA has no alpha: each layer's strength is its learnable lambda, which also bounds "
-    "||dW||. Use --delora_lambda for the initial value (alpha/rank in LoRA terms is lambda/rank here).",
+    "(A, B) from its strength, a learnable lambda per layer. Drop --use_dora; bound the strength with "
+    "--delora_relative_bound (every layer keeps |dW| <= rho |W|; lambda's learning rate: --delora_lambda_lr).",
+    "lora_alpha": "DeLoRA has no alpha: each layer's strength is its learnable lambda, bounded by "
+    "--delora_relative_bound (|dW| <= rho |W| per layer). For an absolute initial lambda instead, use "
+    "--delora_lambda (alpha/rank in LoRA terms is lambda/rank here).",
     "lora_dropout": "DeLoRA's normalisation divides by the norms of A's rows, so input dropout on the "
     "adapter path would change them per step. Use --delora_module_dropout (drops a whole layer's update).",
     "validation_images": "it feeds image-conditioned pipelines (image variation, upscalers); this script "
