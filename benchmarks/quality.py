@@ -336,9 +336,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for lr in args.lrs:
                 for method in args.methods:  # interleaved, so machine load hits every method alike
                     rows += bench.run(method, subject, lr, seed)
-                (args.out / "results.json").write_text(
-                    json.dumps({"args": vars(args), "rows": rows}, default=str)
-                )
+                    (args.out / "results.json").write_text(  # after every run: a killed study keeps its rows
+                        json.dumps({"args": vars(args), "rows": rows}, default=str)
+                    )
     return report(rows, args)
 
 

@@ -321,8 +321,10 @@ def test_fsdp2_two_process_matches_ddp_and_resumes(models, instance_dir, tmp_pat
     assert_ranks_match_file(ranks, out / "delora_weights.safetensors")
     ddp_ranks, _ = ddp_run
     assert ranks[0].keys() == ddp_ranks[0].keys()
-    for key, value in ranks[0].items():  # same math as DDP, up to float rounding (Adam scales tiny grads)
-        assert torch.allclose(value, ddp_ranks[0][key], rtol=1e-5, atol=1e-5), key
+    for key, value in ranks[0].items():  # same math as DDP, up to float rounding (Adam scales tiny grads;
+        # lambda sits on its relative bound, where Adam's normalised step turns rounding into ~1e-5 moves)
+        tolerance = 1e-4 if key.endswith("delora_lambda") else 1e-5
+        assert torch.allclose(value, ddp_ranks[0][key], rtol=tolerance, atol=tolerance), key
     assert (out / "validation" / "lambda_sweep.png").is_file()  # every process ran the sharded UNet
     for step in (1, 2):
         checkpoint = out / f"checkpoint-{step}"

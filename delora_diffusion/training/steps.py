@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fastpath import project_lambdas
 from ..model import delora_norm_report, iter_delora_layers
 from . import checkpointing, distributed
 from .families import Family
@@ -178,9 +179,19 @@ def accumulate(run: Run, batch: dict, trainable: list[nn.Module], encoders: dict
                 everything = [p for m in trainable for p in m.parameters()]
                 accelerator.clip_grad_norm_(everything, run.args.max_grad_norm)
                 run.optimizer.step()
+                project_lambdas(delora_layers(run))  # the relative bound holds in every saved state too
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
     return accelerator.sync_gradients
+
+
+def delora_layers(run: Run) -> list[nn.Module]:
+    """The run's DeLoRA layers, listed once (walking every module each step would cost a little)."""
+    layers = run.__dict__.get("_delora_layers")
+    if layers is None:
+        layers = [a for m in run.adapted.values() for *_, a in iter_delora_layers(m, ADAPTER_NAME)]
+        run.__dict__["_delora_layers"] = layers
+    return layers
 
 
 def skip_bad_update(run: Run) -> None:
