@@ -164,6 +164,7 @@ def test_guard_stops_on_absurd_lambda_before_saving_it(sd_model, instance_dir, t
     out = tmp_path / "out"
     argv = flags(sd_model, instance_dir, out, "--learning_rate", "1e30", "--max_grad_norm", "1e30")
     argv += ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2"]
+    argv += ["--delora_lambda", "15"]  # an absolute lambda: under the default relative bound it cannot grow
     code, err = run_main([*argv, "--max_train_steps", "30", "--checkpointing_steps", "1"], capsys)
     assert code == 1 and "adapter diverged" in err and "unet." in err, err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
