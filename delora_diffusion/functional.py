@@ -71,8 +71,8 @@ def fold_factors(
     if frozen is None:
         return A_folded, B_folded
     A0_folded, B0_unit = frozen
-    strength = (lam * scale).unsqueeze(-1)  # (..., 1, 1)
-    return torch.cat([A_folded, A0_folded], dim=-2), torch.cat([B_folded, B0_unit * strength], dim=-1)
+    frozen_scale = (lam * scale).unsqueeze(-1)  # (..., 1, 1)
+    return torch.cat([A_folded, A0_folded], dim=-2), torch.cat([B_folded, B0_unit * frozen_scale], dim=-1)
 
 
 def _frozen(A0: torch.Tensor | None, B0: torch.Tensor | None, w: torch.Tensor, rank: int):
