@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +392,57 @@ def test_lambda_sweep_grid(service: AppService, tiny) -> None:
     assert get_delora_scale(service.pipeline(str(tiny["model"])).unet) == pytest.approx(1.0)  # restored
     with pytest.raises(AppError, match="Select an adapter"):
         service.sweep(_request(tiny["model"], 1.0, adapters=()), [0.0])
+
+
+def test_every_image_carries_a1111_parameters_read_back_from_the_png(
+    service: AppService, tiny, tmp_path
+) -> None:
+    from gradio.processing_utils import encode_pil_to_bytes
+    from PIL import Image
+
+    from delora_diffusion.app.outputs import sampler_name, save_png
+
+    request = make_request(
+        str(tiny["model"]),
+        [("run1", 1.0), (".", 0.5)],
+        0.5,
+        "a photo of sks dog",
+        "blurry",
+        7,
+        False,
+        2,
+        3.0,
+        32,
+        32,
+    )
+    dot = AppService([str(tiny["model"])], adapters_dir=tiny["loose"], device="cpu")
+    with pytest.raises(AppError):  # '.' is not listed in the shared adapters dir
+        service.generate(request)
+    request = replace(request, adapters=(("run1", 1.0),))
+    result = service.generate(request)
+    sampler = sampler_name(service.pipeline(str(tiny["model"])).scheduler)
+    head = (
+        f"a photo of sks dog\nNegative prompt: blurry\nSteps: 2, Sampler: {sampler}, CFG scale: 3, Seed: 7, "
+    )
+    head += "Size: 32x32, Model: model"
+    saved = save_png(result.adapted, tmp_path / "adapted.png")
+    assert Image.open(saved).text["parameters"] == head + ", DeLoRA: run1:1 (λ scale 0.5)"
+    assert Image.open(save_png(result.base, tmp_path / "base.png")).text["parameters"] == head
+    served = tmp_path / "served.png"  # what Gradio sends to the browser and offers for download
+    served.write_bytes(encode_pil_to_bytes(result.adapted, "png"))
+    assert Image.open(served).text["parameters"] == head + ", DeLoRA: run1:1 (λ scale 0.5)"
+    # The adapters dir itself ('.') by its folder name, never an absolute path.
+    one = dot.generate(replace(request, adapters=((".", 1.0),), negative_prompt=""))
+    text = Image.open(save_png(one.adapted, tmp_path / "dot.png")).text["parameters"]
+    assert text.endswith("Model: model, DeLoRA: loose:1 (λ scale 0.5)") and "Negative prompt" not in text
+    assert str(tiny["root"]) not in text
+    dot.close()
+    grid, images = service.sweep(request, [0.0, 2.0])
+    assert [im.info["parameters"].split("DeLoRA: ")[1] for im in images] == [
+        "run1:1 (λ scale 0)",
+        "run1:1 (λ scale 2)",
+    ]
+    assert grid.info["parameters"].endswith('DeLoRA: run1:1 (λ scale 0.5), λ sweep: "0, 2"')
 
 
 def test_info_panel_reports_rank_lambda_bound_and_norms_at_the_current_scale(

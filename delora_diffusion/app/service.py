@@ -40,6 +40,7 @@ from .inputs import (
     clamp_number,
     clamp_size,
 )
+from .outputs import image_grid, parameters_text, sampler_name, with_parameters
 
 DEFAULT_ADAPTERS_DIR = Path("outputs/dreambooth-delora")
 """Where ``train_scripts/dreambooth_delora.py`` writes by default (relative to the working directory)."""
@@ -48,27 +49,6 @@ UPLOAD_PREFIX = "upload:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Progress = Callable[[float, str], None]
-
-
-def image_grid(images: Sequence[Any], labels: Sequence[str]) -> Any:
-    """One row of images with a caption strip under each: the λ sweep's result.
-
-    Captions should be ASCII: PIL's built-in font has no glyphs for λ or ×.
-    """
-    from PIL import Image, ImageDraw
-
-    if not images:
-        raise AppError("Nothing to put in the grid.")
-    width = max(im.width for im in images)
-    height = max(im.height for im in images)
-    caption = 14
-    cell = max(width, 48)
-    grid = Image.new("RGB", (cell * len(images), height + caption), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (im, label) in enumerate(zip(images, labels, strict=True)):
-        grid.paste(im.convert("RGB"), (i * cell + (cell - im.width) // 2, 0))
-        draw.text((i * cell + 2, height + 1), label, fill="black")
-    return grid
 
 
 @dataclass
@@ -203,13 +183,17 @@ class AppService:
         try:
             pipe = DiffusionPipeline.from_pretrained(model, dtype=self.dtype)
         except (OSError, ValueError) as err:
-            shown = next((label for label, m in self.model_labels.items() if m == model), model)
+            shown = self.model_label(model)
             paths = {Path(model): shown, Path(model).resolve(): shown}
             text = scrub_paths(str(err), paths) if shown != model else str(err)
             raise AppError(self._public(f"Could not load model {shown!r}: {text}")) from err
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def model_label(self, model: str) -> str:
+        """A model as the UI and the PNG parameters name it: its label (folder name) or its hub id."""
+        return next((label for label, m in self.model_labels.items() if m == model), model)
 
     def native_size(self, model: str) -> tuple[int, int]:
         """The (width, height) the model was trained at, as the size sliders' default."""
@@ -438,6 +422,13 @@ class AppService:
             )
         return output.images[0]
 
+    def _tag(self, image: Any, pipe: Any, request: GenerationRequest, adapters: Any = (), **kw: Any) -> Any:
+        """`image` with its A1111-style ``parameters`` text (see :mod:`.outputs`); no absolute paths."""
+        named = [(self.adapters_dir.name if c == "." else c, w) for c, w in adapters]
+        model = self.model_label(self.resolve_model(request.model))
+        text = parameters_text(request, model, sampler_name(pipe.scheduler), named, **kw)
+        return with_parameters(image, self._public(text))
+
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         """Base (adapters off) and adapted images from the same seed; λ is held for the whole request."""
         model = self.resolve_model(request.model)
@@ -457,6 +448,9 @@ class AppService:
                 if names
                 else base
             )
+            self._tag(base, pipe, request)
+            if names:
+                self._tag(adapted, pipe, request, request.adapters)
         lines = [f"Seed {request.seed}, λ scale {request.scale:g}."]
         if not names:
             lines.append("No adapter selected: both images are the base model.")
@@ -480,8 +474,10 @@ class AppService:
             for i, value in enumerate(values):
                 pipe, _ = self._activate(model, request.adapters, value)
                 step = replace(request, scale=value)
-                images.append(
-                    self._generate_one(pipe, step, progress, i * request.steps, total, f"λ × {value:g}")
-                )
+                image = self._generate_one(pipe, step, progress, i * request.steps, total, f"λ × {value:g}")
+                images.append(self._tag(image, pipe, request, request.adapters, scale=value))
             self._activate(model, request.adapters, request.scale)
-        return image_grid(images, [f"{v:g}" for v in values]), images
+            grid = image_grid(images, [f"{v:g}" for v in values])
+            sweep = ("λ sweep", ", ".join(f"{v:g}" for v in values))
+            self._tag(grid, pipe, request, request.adapters, extra=[sweep])
+        return grid, images
