@@ -445,6 +445,39 @@ def test_every_image_carries_a1111_parameters_read_back_from_the_png(
     assert grid.info["parameters"].endswith('DeLoRA: run1:1 (λ scale 0.5), λ sweep: "0, 2"')
 
 
+def test_the_sampler_is_chosen_per_request_on_the_cached_pipeline(service: AppService, tiny) -> None:
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from delora_diffusion.app.schedulers import SCHEDULERS, use_scheduler
+
+    pipe = service.pipeline(str(tiny["model"]))
+    own = pipe.scheduler
+    default = service.generate(_request(tiny["model"], 1.0))
+    euler_a = service.generate(_request(tiny["model"], 1.0, scheduler="Euler a"))
+    assert (
+        service.pipeline(str(tiny["model"])) is pipe
+        and type(pipe.scheduler).__name__ == SCHEDULERS["Euler a"][0]
+    )
+    assert "Sampler: Euler a," in euler_a.adapted.info["parameters"]
+    assert not np.array_equal(_pixels(euler_a.adapted), _pixels(default.adapted))
+    built = pipe.scheduler
+    service.generate(_request(tiny["model"], 1.0, scheduler="DPM++ 2M Karras"))
+    assert pipe.scheduler.config.use_karras_sigmas
+    again = service.generate(_request(tiny["model"], 1.0, scheduler="Euler a"))
+    assert pipe.scheduler is built and np.array_equal(_pixels(again.adapted), _pixels(euler_a.adapted))
+    back = service.generate(_request(tiny["model"], 1.0, scheduler=""))
+    assert pipe.scheduler is own and np.array_equal(_pixels(back.adapted), _pixels(default.adapted))
+    _, images = service.sweep(_request(tiny["model"], 1.0, scheduler="Euler a"), [1.0])
+    assert np.array_equal(_pixels(images[0]), _pixels(euler_a.adapted)) and pipe.scheduler is built
+    with pytest.raises(AppError, match="Unknown sampler"):
+        _request(tiny["model"], 1.0, scheduler="../../etc")
+    flow = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(AppError, match="only runs its own sampler"):
+        use_scheduler(flow, "DDIM", {})
+
+
 def test_info_panel_reports_rank_lambda_bound_and_norms_at_the_current_scale(
     service: AppService, tiny
 ) -> None:

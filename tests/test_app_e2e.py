@@ -125,7 +125,9 @@ def _image_pixels(page, elem_id: str) -> np.ndarray:
     )
     raw = base64.b64decode(data)
     assert raw[:8] == b"\x89PNG\r\n\x1a\n", "the app must serve lossless PNGs for a pixel comparison"
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.int16)
+    image = Image.open(io.BytesIO(raw))
+    assert "Steps: 2, Sampler: " in image.text["parameters"], "every PNG carries A1111-style parameters"
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def _generate(page, expect: str) -> None:

@@ -100,6 +100,8 @@ class GenerationRequest:
     guidance: float = 7.5
     width: int = 64
     height: int = 64
+    scheduler: str = ""
+    """A sampler name from :data:`.schedulers.SCHEDULERS`, or '' for the pipeline's own."""
     notes: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -144,12 +146,15 @@ def make_request(
     guidance: Any = 7.5,
     width: Any = 64,
     height: Any = 64,
+    scheduler: Any = "",
 ) -> GenerationRequest:
     """Validate raw UI values: clamp numbers (with notes), reject what cannot be used, pick a random seed."""
     notes: list[str] = []
     if not isinstance(model, str) or not model.strip():
         raise AppError("Choose a model.")
     prompt, negative_prompt = _check_prompts(prompt, negative_prompt)
+    from .schedulers import check_scheduler
+
     chosen = check_adapter_slots(adapters, notes)
     if randomize_seed:
         seed = random.randint(*SEED_RANGE)
@@ -164,6 +169,7 @@ def make_request(
         guidance=float(clamp_number(guidance, GUIDANCE_RANGE, "Guidance", notes)),
         width=clamp_size(width, "Width", notes),
         height=clamp_size(height, "Height", notes),
+        scheduler=check_scheduler(scheduler),
         notes=tuple(notes),
     )
 

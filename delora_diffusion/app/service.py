@@ -41,6 +41,7 @@ from .inputs import (
     clamp_size,
 )
 from .outputs import image_grid, parameters_text, sampler_name, with_parameters
+from .schedulers import use_scheduler
 
 DEFAULT_ADAPTERS_DIR = Path("outputs/dreambooth-delora")
 """Where ``train_scripts/dreambooth_delora.py`` writes by default (relative to the working directory)."""
@@ -120,6 +121,7 @@ class AppService:
         self._loaded: dict[str, dict[str, str]] = {}  # model -> {adapter choice -> adapter_name}
         self._info: dict[tuple[str, str], AdapterInfo] = {}  # (model, choice) -> cached report and metadata
         self._active: dict[str, _Active] = {}
+        self._schedulers: dict[str, dict[str, Any]] = {}  # model -> {sampler name -> scheduler}, '' its own
         self._uploads: dict[str, Path] = {}
         self._upload_dir = Path(upload_dir or tempfile.mkdtemp(prefix="delora-app-uploads-"))
         self._upload_dir.mkdir(parents=True, exist_ok=True)
@@ -169,9 +171,11 @@ class AppService:
                 return self._pipelines[model]
             pipe = self._load_pipeline(model)
             self._pipelines[model] = pipe
+            self._schedulers[model] = {"": pipe.scheduler}
             self._forget_adapters(model)
             while len(self._pipelines) > self.max_cached_models:
                 old, _ = self._pipelines.popitem(last=False)
+                self._schedulers.pop(old, None)
                 self._forget_adapters(old)
             return pipe
 
@@ -426,7 +430,8 @@ class AppService:
         """`image` with its A1111-style ``parameters`` text (see :mod:`.outputs`); no absolute paths."""
         named = [(self.adapters_dir.name if c == "." else c, w) for c, w in adapters]
         model = self.model_label(self.resolve_model(request.model))
-        text = parameters_text(request, model, sampler_name(pipe.scheduler), named, **kw)
+        sampler = request.scheduler or sampler_name(pipe.scheduler)
+        text = parameters_text(request, model, sampler, named, **kw)
         return with_parameters(image, self._public(text))
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
@@ -435,6 +440,7 @@ class AppService:
         check_work(request, 2 if request.adapters else 1, self.max_work)
         with self._lock:
             pipe, names = self._activate(model, request.adapters, request.scale)
+            use_scheduler(pipe, request.scheduler, self._schedulers[model])
             total = request.steps * (2 if names else 1)
             if names:
                 pipe.disable_delora()
@@ -473,6 +479,7 @@ class AppService:
             total = request.steps * len(values)
             for i, value in enumerate(values):
                 pipe, _ = self._activate(model, request.adapters, value)
+                use_scheduler(pipe, request.scheduler, self._schedulers[model])
                 step = replace(request, scale=value)
                 image = self._generate_one(pipe, step, progress, i * request.steps, total, f"λ × {value:g}")
                 images.append(self._tag(image, pipe, request, request.adapters, scale=value))

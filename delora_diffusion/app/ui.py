@@ -31,6 +31,7 @@ from .inputs import (
     make_request,
     parse_sweep_values,
 )
+from .schedulers import scheduler_choices
 from .service import AppService
 
 CSS = """
@@ -73,6 +74,7 @@ class _Controls:
     guidance: Any = None
     width: Any = None
     height: Any = None
+    sampler: Any = None
     sweep_values: Any = None
     rescan: Any = None
     upload: Any = None
@@ -85,7 +87,7 @@ class _Controls:
     def request_inputs(self) -> list[Any]:
         """In the order :func:`_request_from` unpacks them."""
         head = [self.model, self.scale, self.prompt, self.negative, self.seed, self.randomize, self.steps]
-        return [*head, self.guidance, self.width, self.height, *self.slot_inputs]
+        return [*head, self.guidance, self.width, self.height, self.sampler, *self.slot_inputs]
 
     def info_inputs(self) -> list[Any]:
         return [self.model, self.scale, *self.slot_inputs]
@@ -182,6 +184,7 @@ def _settings_section(gr: Any, c: _Controls, size: tuple[int, int], steps: int, 
             c.height = gr.Slider(
                 *SIZE_RANGE, value=size[1], step=SIZE_MULTIPLE, label="Height", elem_id="height"
             )
+        c.sampler = gr.Dropdown(choices=scheduler_choices(), value="", label="Sampler", elem_id="sampler")
         c.sweep_values = gr.Textbox(
             value=DEFAULT_SWEEP, label="λ values for the sweep", elem_id="sweep-values"
         )
@@ -216,8 +219,8 @@ def _slots(values: Sequence[Any]) -> list[tuple[Any, Any]]:
 
 
 def _request_from(values: Sequence[Any]) -> GenerationRequest:
-    m, s, p, n, sd, rnd, st, g, ww, hh, *rest = values
-    return make_request(m, _slots(rest), s, p, n, sd, bool(rnd), st, g, ww, hh)
+    m, s, p, n, sd, rnd, st, g, ww, hh, sampler, *rest = values
+    return make_request(m, _slots(rest), s, p, n, sd, bool(rnd), st, g, ww, hh, sampler)
 
 
 class _Handlers:
