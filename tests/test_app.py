@@ -478,6 +478,39 @@ def test_the_sampler_is_chosen_per_request_on_the_cached_pipeline(service: AppSe
         use_scheduler(flow, "DDIM", {})
 
 
+def test_several_images_per_click_fill_a_bounded_history_with_downloadable_pngs(
+    service: AppService, tiny, tmp_path
+) -> None:
+    import gradio as gr
+    from PIL import Image
+
+    from delora_diffusion.app.inputs import HISTORY_LENGTH, IMAGES_RANGE
+    from delora_diffusion.app.outputs import generate_batch, push_history
+    from delora_diffusion.app.ui import _Handlers
+
+    assert _request(tiny["model"], 1.0, count=99).count == IMAGES_RANGE[1]
+    results = generate_batch(service, _request(tiny["model"], 1.0, count=2))
+    assert [r.request.seed for r in results] == [7, 8]
+    assert np.array_equal(
+        _pixels(results[1].adapted), _pixels(service.generate(_request(tiny["model"], 1.0, seed=8)).adapted)
+    )
+    small = AppService([str(tiny["model"])], adapters_dir=tiny["adapters"], max_work=32 * 32 * 2 * 2)
+    with pytest.raises(AppError, match=r"3-image click needs .* 3 image\(s\)"):  # every image counts
+        generate_batch(small, _request(tiny["model"], 1.0, adapters=(), count=3))
+    small.close()
+    assert push_history(list(range(HISTORY_LENGTH)), ["a", "b"]) == ["a", "b", *range(HISTORY_LENGTH - 2)]
+    # The UI handler: the first pair in the image boxes, every adapted image in the gallery, PNGs with parameters.
+    values = [str(tiny["model"]), 1.0, "a photo of sks dog", "", 7, False, 2, 3.0, 32, 32, "", 2]
+    values += ["run1", 1.0] + ["", 1.0] * (ADAPTER_SLOTS - 1)
+    out = _Handlers(gr, service).generate(*values, [("old", "x")], progress=lambda f, desc: None)
+    history = out[-1]
+    assert out[2] == 7 and out[3].startswith("2 images, seeds 7 to 8.") and len(history) == 3
+    assert [caption for _, caption in history] == ["seed 7, λ scale 1", "seed 8, λ scale 1", "x"]
+    shown = gr.Gallery(format="png").postprocess(history[:2])
+    texts = [Image.open(item.image.path).text["parameters"] for item in shown.root]
+    assert "Seed: 7," in texts[0] and "Seed: 8," in texts[1] and "DeLoRA: run1:1" in texts[1]
+
+
 def test_info_panel_reports_rank_lambda_bound_and_norms_at_the_current_scale(
     service: AppService, tiny
 ) -> None:

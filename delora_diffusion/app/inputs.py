@@ -25,6 +25,10 @@ SEED_RANGE = (0, 2**32 - 1)
 MAX_PROMPT_CHARS = 1000
 MAX_SWEEP_VALUES = 9
 ADAPTER_SLOTS = 3
+IMAGES_RANGE = (1, 8)
+"""Images per click (seeds seed, seed + 1, ...); every one counts in the work budget."""
+HISTORY_LENGTH = 20
+"""Images the gallery keeps per browser session (newest first)."""
 DEFAULT_SWEEP = "0, 0.5, 1, 1.5, 2"
 DEFAULT_MAX_WORK = 512 * 512 * 100
 """Pixel-steps one request may cost (width × height × steps, summed over every image it makes).
@@ -101,6 +105,7 @@ class GenerationRequest:
     width: int = 64
     height: int = 64
     scheduler: str = ""
+    count: int = 1
     """A sampler name from :data:`.schedulers.SCHEDULERS`, or '' for the pipeline's own."""
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -147,6 +152,7 @@ def make_request(
     width: Any = 64,
     height: Any = 64,
     scheduler: Any = "",
+    count: Any = 1,
 ) -> GenerationRequest:
     """Validate raw UI values: clamp numbers (with notes), reject what cannot be used, pick a random seed."""
     notes: list[str] = []
@@ -170,6 +176,7 @@ def make_request(
         width=clamp_size(width, "Width", notes),
         height=clamp_size(height, "Height", notes),
         scheduler=check_scheduler(scheduler),
+        count=int(clamp_number(count, IMAGES_RANGE, "Images", notes, integer=True)),
         notes=tuple(notes),
     )
 

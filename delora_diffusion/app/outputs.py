@@ -14,11 +14,12 @@ name or a hub id) and adapters by their listed names: never an absolute local pa
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .inputs import AppError, GenerationRequest
+from .inputs import HISTORY_LENGTH, SEED_RANGE, AppError, GenerationRequest, check_work
 
 PARAMETERS_KEY = "parameters"
 SAMPLER_NAMES = {
@@ -120,3 +121,32 @@ def image_grid(images: Sequence[Any], labels: Sequence[str]) -> Any:
         grid.paste(im.convert("RGB"), (i * cell + (cell - im.width) // 2, 0))
         draw.text((i * cell + 2, height + 1), label, fill="black")
     return grid
+
+
+def generate_batch(
+    service: Any, request: GenerationRequest, progress: Callable[[float, str], None] | None = None
+) -> list[Any]:
+    """`request.count` generations at seeds seed, seed + 1, ... (``AppService.generate`` results).
+
+    The whole batch is checked against the work budget first: 2 images per seed with an adapter, 1 without.
+    """
+    per_seed = 2 if request.adapters else 1
+    what = f"This {request.count}-image click"
+    check_work(request, per_seed * request.count, service.max_work, what=what)
+    results = []
+    for i in range(request.count):
+        seed = (request.seed + i) % (SEED_RANGE[1] + 1)
+
+        def step(fraction: float, text: str, i: int = i) -> None:
+            if progress is not None:
+                progress((i + fraction) / request.count, f"image {i + 1}/{request.count}: {text}")
+
+        results.append(service.generate(replace(request, seed=seed), progress=step))
+    return results
+
+
+def push_history(
+    history: Sequence[Any] | None, images: Sequence[Any], limit: int = HISTORY_LENGTH
+) -> list[Any]:
+    """The gallery's history: the new `images` (in order) before what was there, at most `limit` items."""
+    return [*images, *(history or [])][:limit]

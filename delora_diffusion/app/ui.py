@@ -17,6 +17,7 @@ from .inputs import (
     ADAPTER_SLOTS,
     DEFAULT_SWEEP,
     GUIDANCE_RANGE,
+    IMAGES_RANGE,
     MAX_PROMPT_CHARS,
     SCALE_RANGE,
     SCALE_STEP,
@@ -31,6 +32,7 @@ from .inputs import (
     make_request,
     parse_sweep_values,
 )
+from .outputs import generate_batch, push_history
 from .schedulers import scheduler_choices
 from .service import AppService
 
@@ -75,6 +77,9 @@ class _Controls:
     width: Any = None
     height: Any = None
     sampler: Any = None
+    count: Any = None
+    gallery: Any = None
+    history: Any = None
     sweep_values: Any = None
     rescan: Any = None
     upload: Any = None
@@ -87,7 +92,7 @@ class _Controls:
     def request_inputs(self) -> list[Any]:
         """In the order :func:`_request_from` unpacks them."""
         head = [self.model, self.scale, self.prompt, self.negative, self.seed, self.randomize, self.steps]
-        return [*head, self.guidance, self.width, self.height, self.sampler, *self.slot_inputs]
+        return [*head, self.guidance, self.width, self.height, self.sampler, self.count, *self.slot_inputs]
 
     def info_inputs(self) -> list[Any]:
         return [self.model, self.scale, *self.slot_inputs]
@@ -184,7 +189,11 @@ def _settings_section(gr: Any, c: _Controls, size: tuple[int, int], steps: int, 
             c.height = gr.Slider(
                 *SIZE_RANGE, value=size[1], step=SIZE_MULTIPLE, label="Height", elem_id="height"
             )
-        c.sampler = gr.Dropdown(choices=scheduler_choices(), value="", label="Sampler", elem_id="sampler")
+        with gr.Row():
+            c.sampler = gr.Dropdown(choices=scheduler_choices(), value="", label="Sampler", elem_id="sampler")
+            c.count = gr.Slider(
+                *IMAGES_RANGE, value=1, step=1, label="Images (seed, seed + 1, ...)", elem_id="count"
+            )
         c.sweep_values = gr.Textbox(
             value=DEFAULT_SWEEP, label="λ values for the sweep", elem_id="sweep-values"
         )
@@ -208,6 +217,14 @@ def _output_section(gr: Any, c: _Controls) -> None:
         c.adapted_img = gr.Image(label="Adapted", elem_id="adapted-image", **_SHOWN)
     c.status = gr.Markdown(elem_id="status")
     c.sweep_img = gr.Image(label="λ sweep", elem_id="sweep-image", **(_SHOWN | {"height": 240}))
+    c.gallery = gr.Gallery(
+        label="History (this session; click an image to download its PNG)",
+        format="png",
+        columns=4,
+        height=260,
+        elem_id="gallery",
+    )
+    c.history = gr.State([])
     c.info = gr.Markdown(elem_id="adapter-info")
 
 
@@ -219,8 +236,8 @@ def _slots(values: Sequence[Any]) -> list[tuple[Any, Any]]:
 
 
 def _request_from(values: Sequence[Any]) -> GenerationRequest:
-    m, s, p, n, sd, rnd, st, g, ww, hh, sampler, *rest = values
-    return make_request(m, _slots(rest), s, p, n, sd, bool(rnd), st, g, ww, hh, sampler)
+    m, s, p, n, sd, rnd, st, g, ww, hh, sampler, count, *rest = values
+    return make_request(m, _slots(rest), s, p, n, sd, bool(rnd), st, g, ww, hh, sampler, count)
 
 
 class _Handlers:
@@ -240,10 +257,17 @@ class _Handlers:
         return functools.wraps(fn)(wrapped)
 
     def generate(self, *values: Any, progress: Any) -> tuple:
+        *values, history = values
         request = _request_from(values)
-        result = self.service.generate(request, progress=lambda f, d: progress(f, desc=d))
+        results = generate_batch(self.service, request, progress=lambda f, d: progress(f, desc=d))
         text = self.service.adapter_info(request.model, request.adapters, request.scale)
-        return result.base, result.adapted, request.seed, result.message, text
+        first = results[0]
+        new = [(r.adapted, f"seed {r.request.seed}, λ scale {r.request.scale:g}") for r in results]
+        history = push_history(history, new)
+        message = first.message
+        if len(results) > 1:
+            message = f"{len(results)} images, seeds {request.seed} to {results[-1].request.seed}. {message}"
+        return first.base, first.adapted, request.seed, message, text, history, history
 
     def sweep(self, *values: Any, progress: Any) -> tuple:
         *rest, text = values
@@ -312,8 +336,8 @@ def _wire(gr: Any, demo: Any, service: AppService, c: _Controls) -> None:
         return h.guard(h.sweep)(*values, progress=progress)
 
     inputs = c.request_inputs()
-    outputs = [c.base_img, c.adapted_img, c.seed, c.status, c.info]
-    c.generate.click(generate, inputs, outputs, concurrency_id="gpu")
+    outputs = [c.base_img, c.adapted_img, c.seed, c.status, c.info, c.gallery, c.history]
+    c.generate.click(generate, [*inputs, c.history], outputs, concurrency_id="gpu")
     c.sweep.click(sweep, [*inputs, c.sweep_values], [c.sweep_img, c.seed, c.status], concurrency_id="gpu")
     quiet = {"trigger_mode": "always_last", "show_progress": "hidden"}
     c.scale.change(h.guard(h.scale), c.info_inputs(), c.info, **quiet)
