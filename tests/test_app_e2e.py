@@ -131,15 +131,18 @@ def _image_pixels(page, elem_id: str) -> np.ndarray:
 
 
 def _generate(page, expect: str) -> None:
-    """Click Generate and wait until the status line says `expect` and both images are shown."""
+    """Click Generate and wait until the status line says `expect`, both images are shown, and the History
+    gallery has one image more."""
+    before = page.locator("#gallery img").count()
     page.click("#generate")
     page.wait_for_function(
-        """(expect) => {
+        """([expect, before]) => {
             const s = document.querySelector('#status');
             return s && s.innerText.includes(expect)
-                && document.querySelector('#base-image img') && document.querySelector('#adapted-image img');
+                && document.querySelector('#base-image img') && document.querySelector('#adapted-image img')
+                && document.querySelectorAll('#gallery img').length > before;
         }""",
-        arg=expect,
+        arg=[expect, before],
         timeout=60_000,
     )
 
