@@ -211,6 +211,7 @@ class _RefreshPlan:
     version: int
     entries: list[_Entry]
     groups: dict[tuple, _Group] = field(default_factory=dict)
+    bounded: list[DeLoRALayer] = field(default_factory=list)  # layers with a relative bound, listed once
 
 
 def _layers_under(root: nn.Module) -> list[tuple[nn.Module, DeLoRALayer]]:
@@ -233,7 +234,8 @@ def _plan_for(root: nn.Module) -> _RefreshPlan:
     plan = root.__dict__.get("_delora_plan")
     if plan is None or plan.version != _structure_version:
         entries = [_Entry(m, m._modules["delora"], a, _group_key(a)) for m, a in _layers_under(root)]
-        plan = _RefreshPlan(_structure_version, entries)
+        bounded = [e.layer for e in entries if e.layer.relative_bound is not None]
+        plan = _RefreshPlan(_structure_version, entries, bounded=bounded)
         root.__dict__["_delora_plan"] = plan
     return plan
 
@@ -395,7 +397,7 @@ def refresh_factors(root: nn.Module) -> None:
     plan = _plan_for(root)
     training = torch.is_grad_enabled()
     if training:
-        project_lambdas([entry.layer for entry in plan.entries])
+        project_lambdas(plan.bounded)
     stale: dict[tuple, list[DeLoRALayer]] = {}
     handed: list[DeLoRALayer] = []
     for entry in plan.entries:

@@ -98,3 +98,15 @@ def trained(tmp_path_factory, pipeline_dir):
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(trained):
+    """The tiny SD pipeline the io tests load files into (one per test module)."""
+    return tp.load_pipeline(trained("sd").base_dir)
+
+
+@pytest.fixture(scope="module")
+def good_file(trained) -> Path:
+    """A valid adapter file saved by save_delora_weights."""
+    return trained("sd").adapter_dir / dd.io.WEIGHT_NAME

@@ -68,16 +68,6 @@ def assert_unchanged(pipe, before: dict) -> None:
     assert pipeline._metadata_store(pipe) == {}
 
 
-@pytest.fixture(scope="module")
-def sd_pipe(trained):
-    return tp.load_pipeline(trained("sd").base_dir)
-
-
-@pytest.fixture(scope="module")
-def good_file(trained) -> Path:
-    return trained("sd").adapter_dir / io.WEIGHT_NAME
-
-
 def _drop(key: str) -> Callable[[dict], dict]:
     return lambda s: {k: v for k, v in s.items() if k != key}
 

@@ -26,16 +26,6 @@ CATASTROPHIC = "([\\w.]+)+#"
 """Exponential backtracking on any dotted layer name: minutes per module name if it were ever matched."""
 
 
-@pytest.fixture(scope="module")
-def sd_pipe(trained):
-    return tp.load_pipeline(trained("sd").base_dir)
-
-
-@pytest.fixture(scope="module")
-def good_file(trained) -> Path:
-    return trained("sd").adapter_dir / io.WEIGHT_NAME
-
-
 def _with_config(**fields):
     def edit(meta: dict) -> dict:
         configs = json.loads(meta["delora_configs"])
