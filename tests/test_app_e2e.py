@@ -27,6 +27,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 180  # about 15 s on an idle 2-core machine; generous for a shared, busy one
+LORA_FILE = "sks-dog-kohya.safetensors"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -66,6 +67,9 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     pipe.save_delora_weights(
         str(root / "adapters" / "sks-dog"), training_args={"learning_rate": 1e-3, "rank": 2}
     )
+    from delora_diffusion.export import export_lora  # a plain LoRA file beside it: the app compares both
+
+    export_lora(root / "adapters" / "sks-dog", root / "adapters" / LORA_FILE, format="kohya", scale=0.5)
 
     os.symlink("loop", root / "adapters" / "loop")  # one bad entry: listed as unreadable, nothing breaks
     (root / "tmp").mkdir()
@@ -110,8 +114,18 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     assert not left, f"the app left {left} behind:\n{(root / 'server.log').read_text()}"
 
 
-def _image_pixels(page, elem_id: str) -> np.ndarray:
-    """The pixels of the image the page shows in `elem_id`: its PNG bytes fetched by the page, decoded here."""
+def _choose(page, elem_id: str, label: str) -> None:
+    """Pick the option `label` in the Gradio dropdown `elem_id`, as a user would: open it, click the option."""
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=label, exact=True).click()
+    page.wait_for_function(
+        "([id, label]) => document.querySelector(`#${id} input`).value === label", arg=[elem_id, label]
+    )
+
+
+def _image_pixels(page, elem_id: str, parameters: list[str] | None = None) -> np.ndarray:
+    """The pixels of the image the page shows in `elem_id`: its PNG bytes fetched by the page, decoded here
+    (its parameters text is appended to `parameters` when given)."""
     from PIL import Image
 
     data = page.evaluate(
@@ -127,6 +141,8 @@ def _image_pixels(page, elem_id: str) -> np.ndarray:
     assert raw[:8] == b"\x89PNG\r\n\x1a\n", "the app must serve lossless PNGs for a pixel comparison"
     image = Image.open(io.BytesIO(raw))
     assert "Steps: 2, Sampler: " in image.text["parameters"], "every PNG carries A1111-style parameters"
+    if parameters is not None:
+        parameters.append(image.text["parameters"])
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
@@ -229,6 +245,20 @@ def test_app_in_a_real_browser(app_server: tuple[str, Path], tmp_path: Path) -> 
             _generate(page, "λ scale 1.")  # the uploaded adapter is usable, next to the listed one
             assert "upload:sks-dog-" in page.inner_text("#adapter-info")
             assert not np.array_equal(_image_pixels(page, "adapted-image"), adapted1)  # two adapters now
+
+            # A plain LoRA file beside the DeLoRA ones, the Euler sampler, and two images per click.
+            _choose(page, "adapter-2", f"{LORA_FILE} (LoRA)")
+            page.wait_for_function("document.querySelector('#adapter-info').innerText.includes('plain LoRA')")
+            _choose(page, "sampler", "Euler")
+            page.locator("#count input[type=range]").focus()
+            page.keyboard.press("ArrowRight")  # 1 -> 2 images
+            _generate(page, "2 images, seeds 0 to 1.")
+            text: list[str] = []
+            assert not np.array_equal(
+                _image_pixels(page, "adapted-image", text), _image_pixels(page, "base-image")
+            )
+            assert "Sampler: Euler," in text[0] and f"LoRA: {LORA_FILE}:1 (scale 1)" in text[0]
+            assert page.locator("#gallery img").count() >= 5  # 1 + 1 + 1 + 2 adapted images so far
         finally:
             browser.close()
     assert not outside, f"the page tried to reach outside loopback: {outside}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import FORMAT_NAME, WEIGHT_NAME, read_safetensors_header
+from .lora import DELORA, LORA, has_lora_keys, summarize_header
 
 MAX_DEPTH = 2
 """The adapters dir plus one or two levels of sub-directories (a run, and its checkpoints)."""
@@ -21,10 +22,12 @@ MAX_DEPTH = 2
 
 @dataclass
 class AdapterListing:
-    """Usable adapter names (relative to the adapters dir; '.' is the dir itself) and unreadable entries."""
+    """Usable adapter names (relative to the adapters dir; '.' is the dir itself), each one's kind ('delora' or
+    'lora', see :mod:`.lora`), and unreadable entries."""
 
     found: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 def adapter_key(choice: str) -> str:
@@ -51,16 +54,23 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _adapter_kind(path: Path) -> bool:
-    """Whether a readable .safetensors file is one of ours; raises for one that cannot be read or parsed.
+def _adapter_kind(path: Path) -> str | None:
+    """'delora' for one of ours, 'lora' for a plain LoRA file, None for other weights; raises for a file that
+    cannot be read or parsed, or a LoRA-looking one with keys diffusers would not load.
 
     Other weights that live in the adapters dir (a checkpoint's optimizer or model state) are valid
-    safetensors files without our format mark: they are skipped, not reported.
+    safetensors files with neither our format mark nor LoRA keys: they are skipped, not reported. Only the
+    header is read.
     """
-    _, metadata = read_safetensors_header(path)
+    header, metadata = read_safetensors_header(path)
     if not isinstance(metadata, dict):
         raise ValueError(f"its header's __metadata__ is a {type(metadata).__name__}, not a JSON object")
-    return path.name == WEIGHT_NAME or metadata.get("delora_format") == FORMAT_NAME
+    if path.name == WEIGHT_NAME or metadata.get("delora_format") == FORMAT_NAME:
+        return DELORA
+    if has_lora_keys(header):
+        summarize_header(header, metadata, "this LoRA file")
+        return LORA
+    return None
 
 
 def _visit(root: Path, entry: Path, depth: int, listing: AdapterListing) -> None:
@@ -76,9 +86,12 @@ def _visit(root: Path, entry: Path, depth: int, listing: AdapterListing) -> None
         if depth < MAX_DEPTH:
             _scan(root, entry, depth + 1, listing)
         return
-    if entry.is_file() and entry.suffix == ".safetensors" and _adapter_kind(entry):
+    kind = _adapter_kind(entry) if entry.is_file() and entry.suffix == ".safetensors" else None
+    if kind:
         rel = entry.relative_to(root)
-        listing.found.append(rel.parent.as_posix() if entry.name == WEIGHT_NAME else rel.as_posix())
+        name = rel.parent.as_posix() if entry.name == WEIGHT_NAME else rel.as_posix()
+        listing.found.append(name)
+        listing.kinds[name] = kind
 
 
 def _scan(root: Path, directory: Path, depth: int, listing: AdapterListing) -> None:
@@ -100,8 +113,8 @@ def scan_adapters(root: Path) -> AdapterListing:
     """List the adapters under `root` (resolved): the adapters dir first ('.'), then by name.
 
     A directory holding ``delora_weights.safetensors`` is listed by its path relative to `root`; any other
-    ``.safetensors`` file whose header marks it as a DeLoRA adapter by its relative file path. Hidden entries
-    and anything whose real path leaves `root` (symlinks) are skipped.
+    ``.safetensors`` file whose header marks it as a DeLoRA adapter, or whose keys are plain LoRA keys, by its
+    relative file path. Hidden entries and anything whose real path leaves `root` (symlinks) are skipped.
     """
     listing = AdapterListing()
     if os.path.isdir(root):

@@ -8,7 +8,8 @@ A1111, ComfyUI's image loaders and most image browsers read a PNG ``tEXt`` chunk
 
 The text is kept in ``image.info``: Gradio copies text entries of ``image.info`` into the PNGs it serves and
 offers for download, and :func:`save_png` does the same for a file. The model is named by its label (a folder
-name or a hub id) and adapters by their listed names: never an absolute local path. No Gradio, no torch.
+name or a hub id) and adapters by their listed names: never an absolute local path. Plain LoRA files get a
+field of their own, ``LoRA: style.safetensors:0.8 (scale 1)``. No Gradio, no torch.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def parameters_text(
     adapters: Sequence[tuple[str, float]] = (),
     scale: float | None = None,
     extra: Sequence[tuple[str, str]] = (),
+    loras: Sequence[tuple[str, float]] = (),
 ) -> str:
     """The ``parameters`` text for one image made from `request`.
 
     `model` and the adapter names must already be shareable (labels, never absolute paths); `adapters` are
-    the ones active for this image (empty for the base image), `scale` the λ scale they ran at.
+    the DeLoRA adapters active for this image and `loras` the plain LoRA files (both empty for the base
+    image), `scale` the λ scale they ran at. A LoRA's weight on the pipeline is its weight × that scale.
     """
     lines = [request.prompt.strip()]
     if request.negative_prompt.strip():
@@ -74,10 +77,13 @@ def parameters_text(
         ("Size", f"{request.width}x{request.height}"),
         ("Model", model),
     ]
+    used = request.scale if scale is None else scale
     if adapters:
-        used = request.scale if scale is None else scale
         shown = ", ".join(f"{name}:{weight:g}" for name, weight in adapters)
         fields.append(("DeLoRA", f"{shown} (λ scale {used:g})"))
+    if loras:
+        shown = ", ".join(f"{name}:{weight:g}" for name, weight in loras)
+        fields.append(("LoRA", f"{shown} (scale {used:g})"))
     fields += list(extra)
     lines.append(", ".join(f"{key}: {_field(value)}" for key, value in fields))
     return "\n".join(lines)

@@ -15,7 +15,7 @@ Why the service looks the way it does:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
 import shutil
@@ -23,7 +23,7 @@ import tempfile
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,26 @@ from .inputs import (
     GenerationRequest,
     check_work,
     clamp_number,
-    clamp_size,
 )
+from .lora import (
+    DELORA,
+    LORA,
+    LoraSummary,
+    format_lora_info,
+    load_lora,
+    read_lora_summary,
+    remove_loras,
+    set_loras,
+)
+from .models import Progress, generate_one, load_pipeline, model_labels, native_size
 from .outputs import image_grid, parameters_text, sampler_name, with_parameters
 from .schedulers import use_scheduler
+from .uploads import accept_upload
 
 DEFAULT_ADAPTERS_DIR = Path("outputs/dreambooth-delora")
 """Where ``train_scripts/dreambooth_delora.py`` writes by default (relative to the working directory)."""
 DEFAULT_MAX_UPLOAD_MB = 512
-UPLOAD_PREFIX = "upload:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -64,24 +72,14 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class _Active:
-    """What is set on a cached pipeline now: active adapter names, their weights, and the λ scale."""
+    """What is set on a cached pipeline now: active DeLoRA names, their weights and the λ scale, and the
+    active LoRA names with the weights set on them (weight × scale)."""
 
     names: tuple[str, ...]
     weights: tuple[float, ...]
     scale: float | None
-
-
-def _model_labels(models: Sequence[str]) -> dict[str, str]:
-    """label -> model: a hub id as itself, a local path by its folder name (made unique)."""
-    labels: dict[str, str] = {}
-    for model in models:
-        local = os.path.isabs(model) or os.path.lexists(model)
-        base = (Path(model).name or "model") if local else model
-        label, n = base, 2
-        while label in labels:
-            label, n = f"{base} ({n})", n + 1
-        labels[label] = model
-    return labels
+    lora_names: tuple[str, ...] = ()
+    lora_weights: tuple[float, ...] = ()
 
 
 class AppService:
@@ -108,7 +106,7 @@ class AppService:
         from ..util import dtype_from_name
 
         self.models = [str(m) for m in models]
-        self.model_labels = _model_labels(self.models)
+        self.model_labels = model_labels(self.models)
         self.adapters_dir = Path(adapters_dir).expanduser().resolve()
         self.device = device
         self.dtype = dtype_from_name(dtype)
@@ -119,10 +117,13 @@ class AppService:
         self._lock = threading.RLock()
         self._pipelines: OrderedDict[str, Any] = OrderedDict()
         self._loaded: dict[str, dict[str, str]] = {}  # model -> {adapter choice -> adapter_name}
-        self._info: dict[tuple[str, str], AdapterInfo] = {}  # (model, choice) -> cached report and metadata
+        self._info: dict[tuple[str, str], AdapterInfo | LoraSummary] = {}  # (model, choice) -> panel data
+        self._lora_files: dict[
+            tuple[str, str], tuple[int, int]
+        ] = {}  # (model, choice) -> (mtime, size) loaded
         self._active: dict[str, _Active] = {}
         self._schedulers: dict[str, dict[str, Any]] = {}  # model -> {sampler name -> scheduler}, '' its own
-        self._uploads: dict[str, Path] = {}
+        self._uploads: dict[str, tuple[Path, str]] = {}  # name -> (validated copy, kind)
         self._upload_dir = Path(upload_dir or tempfile.mkdtemp(prefix="delora-app-uploads-"))
         self._upload_dir.mkdir(parents=True, exist_ok=True)
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._upload_dir), ignore_errors=True)
@@ -180,20 +181,13 @@ class AppService:
             return pipe
 
     def _load_pipeline(self, model: str) -> Any:
-        from diffusers import DiffusionPipeline
-
-        import delora_diffusion  # noqa: F401  (adds load_delora_weights & co to every pipeline)
-
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, dtype=self.dtype)
+            return load_pipeline(model, self.dtype, self.device)
         except (OSError, ValueError) as err:
             shown = self.model_label(model)
             paths = {Path(model): shown, Path(model).resolve(): shown}
             text = scrub_paths(str(err), paths) if shown != model else str(err)
             raise AppError(self._public(f"Could not load model {shown!r}: {text}")) from err
-        pipe = pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def model_label(self, model: str) -> str:
         """A model as the UI and the PNG parameters name it: its label (folder name) or its hub id."""
@@ -201,16 +195,7 @@ class AppService:
 
     def native_size(self, model: str) -> tuple[int, int]:
         """The (width, height) the model was trained at, as the size sliders' default."""
-        pipe = self.pipeline(model)
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-        factor = getattr(pipe, "vae_scale_factor", 8)
-        if isinstance(sample, (list, tuple)):
-            sample = sample[0]
-        if not isinstance(sample, int):
-            return 512, 512
-        side = clamp_size(sample * factor, "size")
-        return side, side
+        return native_size(self.pipeline(model))
 
     # ---- adapters
 
@@ -224,22 +209,32 @@ class AppService:
         """Entries of the adapters dir that could not be read, with the reason (shown, never fatal)."""
         return dict(self._listing.unreadable)
 
+    def adapter_kind(self, name: str) -> str:
+        """'delora' or 'lora' (a plain LoRA file, loaded by diffusers) for a listed or uploaded adapter."""
+        if name in self._uploads:
+            return self._uploads[name][1]
+        return self._listing.kinds.get(name, DELORA)
+
     def adapter_label(self, name: str) -> str:
-        """What the UI shows for an adapter name: the adapters dir itself ('.') by its folder name."""
-        return f"{self.adapters_dir.name} (the adapters dir)" if name == "." else name
+        """What the UI shows for an adapter name: the adapters dir itself ('.') by its folder name, and a plain
+        LoRA file marked as one (the dropdowns offer both kinds side by side)."""
+        if name == ".":
+            return f"{self.adapters_dir.name} (the adapters dir)"
+        return f"{name} (LoRA)" if self.adapter_kind(name) == LORA else name
 
     def resolve_adapter(self, name: str) -> Path:
         """The file or directory behind an adapter name; only listed names inside the adapters dir resolve."""
         if not isinstance(name, str) or not name:
             raise AppError("Choose an adapter.")
         if name in self._uploads:
-            return self._uploads[name]
+            return self._uploads[name][0]
         return resolve_listed(self.adapters_dir, self._listing, name)
 
     def add_upload(
         self, file_path: str | Path, original_name: str | None = None, consume: bool = False
     ) -> str:
-        """Accept an uploaded adapter: ``.safetensors`` only, under the size limit, and a valid DeLoRA file.
+        """Accept an uploaded adapter: ``.safetensors`` only, under the size limit, and a valid DeLoRA or plain
+        LoRA file (see :mod:`.uploads`).
 
         The bytes are copied into the service's own temp dir before they are validated, so what is loaded
         later is exactly what was checked. With `consume`, the given file (the web server's copy) is deleted
@@ -247,86 +242,96 @@ class AppService:
         """
         path = Path(file_path)
         try:
-            return self._add_upload(path, original_name or path.name)
+            with self._lock:
+                known = dict(self._uploads)
+            name, copy, kind = accept_upload(
+                path, original_name or path.name, self._upload_dir, self.max_upload_bytes, known
+            )
+        except AppError as err:
+            raise AppError(self._public(str(err))) from err.__cause__
         finally:
             if consume:
                 path.unlink(missing_ok=True)
-
-    def _add_upload(self, path: Path, shown: str) -> str:
-        from ..io import read_delora_file
-
-        if path.suffix.lower() != ".safetensors" or not shown.lower().endswith(".safetensors"):
-            raise AppError(f"Uploads must be .safetensors files, got {shown!r}.")
-        try:
-            size = path.stat().st_size
-        except OSError as err:
-            raise AppError(f"Could not read the upload {shown!r}: {err.strerror}") from err
-        if size > self.max_upload_bytes:
-            raise AppError(
-                f"The upload {shown!r} is {size / 2**20:.1f} MiB; the limit is "
-                f"{self.max_upload_bytes / 2**20:.1f} MiB."
-            )
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(2**20), b""):
-                digest.update(chunk)
-        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(shown).stem)[:40] or "adapter"
-        name = f"{UPLOAD_PREFIX}{stem}-{digest.hexdigest()[:8]}"
-        if name in self._uploads:
-            return name
-        copy = self._upload_dir / f"{digest.hexdigest()[:16]}.safetensors"
-        shutil.copyfile(path, copy)
-        try:
-            read_delora_file(copy)
-        except Exception as err:  # noqa: BLE001  (a hostile file may raise anything; none of it is fatal)
-            copy.unlink(missing_ok=True)
-            text = scrub_paths(str(err), {copy: shown, path: shown})
-            raise AppError(
-                self._public(f"The upload {shown!r} is not a valid DeLoRA adapter: {text}")
-            ) from err
         with self._lock:
-            self._uploads[name] = copy
+            self._uploads[name] = (copy, kind)
         return name
 
-    def _forget_adapters(self, model: str) -> None:
-        self._loaded[model] = {}
+    def _loaded_of(self, model: str, kind: str) -> dict[str, str]:
+        """{choice: adapter_name} of the loaded adapters of one kind on `model`'s pipeline (the kind as loaded:
+        a file gone from the listing is still known as what it was)."""
+        loaded = self._loaded.get(model, {}).items()
+        return {c: k for c, k in loaded if ((model, c) in self._lora_files) == (kind == LORA)}
+
+    def _forget_adapters(self, model: str, choices: Sequence[str] | None = None) -> None:
+        """Forget loaded adapters of `model` (all, or `choices`): what they were, and what is set now."""
+        loaded = self._loaded.setdefault(model, {})
+        for choice in list(loaded) if choices is None else choices:
+            loaded.pop(choice, None)
+            self._info.pop((model, choice), None)
+            self._lora_files.pop((model, choice), None)
         self._active.pop(model, None)
-        for key in [k for k in self._info if k[0] == model]:
-            del self._info[key]
+
+    def _stale_loras(self, model: str) -> list[str]:
+        """Loaded LoRA choices whose file is gone, no longer listed, or changed since it was loaded."""
+        stale = []
+        for choice in self._loaded_of(model, LORA):
+            try:
+                path = self.resolve_adapter(choice)
+                now = (path.stat().st_mtime_ns, path.stat().st_size)
+            except (AppError, OSError):
+                now = None
+            if now is None or now != self._lora_files.get((model, choice)):
+                stale.append(choice)
+        return stale
 
     def rescan(self) -> list[str]:
-        """List the adapters dir again, and forget loaded adapters (files may have been retrained).
+        """List the adapters dir again, and forget loaded DeLoRA adapters (files may have been retrained).
 
-        Models stay loaded: only the small adapter weights are read again on next use.
+        LoRA adapters whose files are gone or changed are deleted from the pipeline (diffusers'
+        ``delete_adapters``, or ``unload_lora_weights`` for the last one); unchanged ones stay loaded. Models
+        stay loaded: only the small adapter weights are read again on next use.
         """
         with self._lock:
-            for model, pipe in self._pipelines.items():
-                if self._loaded.get(model):
-                    pipe.unload_delora_weights()
-                self._forget_adapters(model)
             self._listing = scan_adapters(self.adapters_dir)
+            for model, pipe in self._pipelines.items():
+                delora = list(self._loaded_of(model, DELORA))
+                if delora:
+                    pipe.unload_delora_weights()
+                stale = self._stale_loras(model)
+                if stale:
+                    remove_loras(pipe, [self._loaded[model][c] for c in stale])
+                self._forget_adapters(model, delora + stale)
         return self.list_adapters()
+
+    def _load(self, model: str, pipe: Any, choice: str, key: str) -> AdapterInfo | LoraSummary:
+        """Load one adapter under `key` and take what the info panel needs; a failure leaves nothing loaded."""
+        path = self.resolve_adapter(choice)
+        if self.adapter_kind(choice) == LORA:
+            stamp = (path.stat().st_mtime_ns, path.stat().st_size)
+            summary = read_lora_summary(path)  # the header, checked before diffusers reads anything
+            load_lora(pipe, path, key)
+            self._lora_files[(model, choice)] = stamp
+            return summary
+        pipe.load_delora_weights(str(path), adapter_name=key)
+        try:  # a fresh adapter is at effective scale 1: the report's reference point
+            return AdapterInfo(unit_rows(pipe.delora_report(key)), pipe.get_delora_metadata(key))
+        except BaseException:
+            pipe.unload_delora_weights(key)
+            raise
 
     def _adapter_name(self, model: str, pipe: Any, choice: str) -> str:
         """The pipeline's adapter_name for `choice`, loading it (and taking its report) on first use."""
         loaded = self._loaded.setdefault(model, {})
         if choice in loaded:
             return loaded[choice]
-        path = self.resolve_adapter(choice)
         key = adapter_key(choice)
+        self.resolve_adapter(choice)  # an unknown name is the user's error, shown as it is
+        self._active.pop(model, None)  # loading changes what is active: set everything again next time
         try:
-            pipe.load_delora_weights(str(path), adapter_name=key)
+            info = self._load(model, pipe, choice, key)
         except Exception as err:  # noqa: BLE001  (a hostile file may raise anything; none of it is fatal)
             raise AppError(self._public(f"Could not load adapter {choice!r}: {err}")) from err
-        self._active.pop(model, None)  # a fresh adapter is active at scale 1: what is set is unknown now
-        try:  # a fresh adapter is at effective scale 1: the report's reference point
-            self._info[(model, choice)] = AdapterInfo(
-                unit_rows(pipe.delora_report(key)), pipe.get_delora_metadata(key)
-            )
-        except BaseException:
-            pipe.unload_delora_weights()
-            self._forget_adapters(model)
-            raise
+        self._info[(model, choice)] = info
         loaded[choice] = key
         return key
 
@@ -338,17 +343,24 @@ class AppService:
         """Make exactly `adapters` active at their weights, λ scaled by `scale`, changing only what differs
         from what is set now. Caller holds the lock."""
         pipe = self.pipeline(model)
-        names = tuple(self._adapter_name(model, pipe, choice) for choice, _ in adapters)
-        weights = tuple(float(weight) for _, weight in adapters)
+        keys = [(self._adapter_name(model, pipe, c), float(w), self.adapter_kind(c)) for c, w in adapters]
+        names = tuple(k for k, _, kind in keys if kind == DELORA)
+        weights = tuple(w for _, w, kind in keys if kind == DELORA)
+        lora_names = tuple(k for k, _, kind in keys if kind == LORA)
+        lora_weights = tuple(
+            w * scale for _, w, kind in keys if kind == LORA
+        )  # the scale slider scales LoRA too
         before = self._active.get(model)
         if before is None or (before.names, before.weights) != (names, weights):
-            if names or self._loaded.get(model):
+            if names or self._loaded_of(model, DELORA):
                 pipe.set_delora_adapters(list(names), list(weights))
-            before = None
+            before = replace(before, scale=None) if before else None
         if names and (before is None or before.scale != scale):
             pipe.set_delora_scale(scale)
-        self._active[model] = _Active(names, weights, scale if names else None)
-        return pipe, list(names)
+        if before is None or (before.lora_names, before.lora_weights) != (lora_names, lora_weights):
+            set_loras(pipe, lora_names, lora_weights, bool(self._loaded_of(model, LORA)))
+        self._active[model] = _Active(names, weights, scale if names else None, lora_names, lora_weights)
+        return pipe, [k for k, _, _ in keys]
 
     def select(self, model: str, adapters: Sequence[tuple[str, float]], scale: Any) -> str:
         """What choosing adapters or weights does: load what is new, make it active, return the info panel."""
@@ -372,7 +384,8 @@ class AppService:
         return value
 
     def adapter_info(self, model: str, adapters: Sequence[tuple[str, float]], scale: Any) -> str:
-        """Markdown for the info panel: rank, λ per layer, the bound and actual ‖ΔW‖/‖W‖ now, training args.
+        """Markdown for the info panel: rank, λ per layer, the bound and actual ‖ΔW‖/‖W‖ now, training args;
+        for a plain LoRA its kind, weight, rank, layers and target modules (from its header).
 
         Adapters not loaded yet are loaded (and reported on) once; after that this is arithmetic only.
         """
@@ -387,52 +400,44 @@ class AppService:
             infos = [self._info[(model, choice)] for choice, _ in adapters]
         sections = []
         for (choice, weight), info in zip(adapters, infos, strict=True):
+            label = self.adapter_label(choice)
+            if isinstance(info, LoraSummary):
+                sections.append(format_lora_info(label, weight, value, info))
+                continue
             rows = scaled_rows(info, weight * value)
-            sections.append(
-                format_adapter_info(self.adapter_label(choice), weight, value, rows, info.metadata)
-            )
+            sections.append(format_adapter_info(label, weight, value, rows, info.metadata))
         return "\n\n".join(sections)
 
     # ---- generation
 
-    def _generate_one(
-        self,
-        pipe: Any,
-        request: GenerationRequest,
-        progress: Progress | None,
-        done: int,
-        total: int,
-        label: str,
-    ) -> Any:
-        import torch
-
-        def on_step_end(_pipe: Any, step: int, _timestep: Any, _kwargs: dict) -> dict:
-            if progress is not None:
-                progress((done + step + 1) / total, f"{label}: step {step + 1}/{request.steps}")
-            return {}
-
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        with torch.inference_mode():
-            output = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt or None,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance,
-                width=request.width,
-                height=request.height,
-                generator=generator,
-                output_type="pil",
-                callback_on_step_end=on_step_end,
-            )
-        return output.images[0]
-
     def _tag(self, image: Any, pipe: Any, request: GenerationRequest, adapters: Any = (), **kw: Any) -> Any:
-        """`image` with its A1111-style ``parameters`` text (see :mod:`.outputs`); no absolute paths."""
+        """`image` with its A1111-style ``parameters`` text (see :mod:`.outputs`); no absolute paths.
+
+        DeLoRA adapters and plain LoRA files get a field each, so the text says which was which."""
         named = [(self.adapters_dir.name if c == "." else c, w) for c, w in adapters]
+        delora = [(c, w) for c, w in named if self.adapter_kind(c) != LORA]
+        loras = [(c, w) for c, w in named if self.adapter_kind(c) == LORA]
         model = self.model_label(self.resolve_model(request.model))
         sampler = request.scheduler or sampler_name(pipe.scheduler)
-        text = parameters_text(request, model, sampler, named, **kw)
+        text = parameters_text(request, model, sampler, delora, loras=loras, **kw)
         return with_parameters(image, self._public(text))
+
+    @contextlib.contextmanager
+    def _adapters_off(self, model: str, pipe: Any) -> Iterator[None]:
+        """The base model for the 'base' image: active DeLoRA and LoRA adapters off, back on afterwards."""
+        active = self._active.get(model)
+        delora, lora = bool(active and active.names), bool(active and active.lora_names)
+        if delora:
+            pipe.disable_delora()
+        if lora:
+            pipe.disable_lora()
+        try:
+            yield
+        finally:
+            if delora:
+                pipe.enable_delora()
+            if lora:
+                pipe.enable_lora()
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         """Base (adapters off) and adapted images from the same seed; λ is held for the whole request."""
@@ -442,15 +447,10 @@ class AppService:
             pipe, names = self._activate(model, request.adapters, request.scale)
             use_scheduler(pipe, request.scheduler, self._schedulers[model])
             total = request.steps * (2 if names else 1)
-            if names:
-                pipe.disable_delora()
-            try:
-                base = self._generate_one(pipe, request, progress, 0, total, "base")
-            finally:
-                if names:
-                    pipe.enable_delora()
+            with self._adapters_off(model, pipe):
+                base = generate_one(pipe, request, progress, 0, total, "base")
             adapted = (
-                self._generate_one(pipe, request, progress, request.steps, total, f"λ × {request.scale:g}")
+                generate_one(pipe, request, progress, request.steps, total, f"λ × {request.scale:g}")
                 if names
                 else base
             )
@@ -481,7 +481,7 @@ class AppService:
                 pipe, _ = self._activate(model, request.adapters, value)
                 use_scheduler(pipe, request.scheduler, self._schedulers[model])
                 step = replace(request, scale=value)
-                image = self._generate_one(pipe, step, progress, i * request.steps, total, f"λ × {value:g}")
+                image = generate_one(pipe, step, progress, i * request.steps, total, f"λ × {value:g}")
                 images.append(self._tag(image, pipe, request, request.adapters, scale=value))
             self._activate(model, request.adapters, request.scale)
             grid = image_grid(images, [f"{v:g}" for v in values])

@@ -45,7 +45,8 @@ DELETE_CACHE = (600, 3600)
 """Gradio deletes its cached files (generated images) older than an hour every ten minutes, and all at exit."""
 INTRO = (
     "## DeLoRA diffusion\nBase and adapted images from the same seed. The λ scale multiplies every layer's λ: "
-    "1 is the adapter as trained, 0 the base model."
+    "1 is the adapter as trained, 0 the base model. Plain LoRA files (marked LoRA) load beside DeLoRA ones, "
+    "for comparison; the scale multiplies their weights."
 )
 # Lossless PNGs (the browser shows exactly the generated pixels), scaled up for small models.
 _SHOWN: dict[str, Any] = {"format": "png", "type": "pil", "interactive": False, "height": 320}
@@ -152,7 +153,7 @@ def _adapter_section(gr: Any, service: AppService, c: _Controls) -> None:
         value=1.0,
         step=SCALE_STEP,
         label="λ scale",
-        info="1 = as trained, 0 = base model",
+        info="1 = as trained, 0 = base model (multiplies LoRA weights too)",
         elem_id="lambda-scale",
     )
 
@@ -203,7 +204,7 @@ def _more_adapters_section(gr: Any, service: AppService, c: _Controls) -> None:
     with gr.Accordion("More adapters", open=False):
         c.rescan = gr.Button("Rescan adapters dir", size="sm", elem_id="rescan")
         c.upload = gr.File(
-            label=f"Upload an adapter (.safetensors, ≤ {service.max_upload_bytes / 2**20:g} MiB)",
+            label=f"Upload a DeLoRA or LoRA file (.safetensors, ≤ {service.max_upload_bytes / 2**20:g} MiB)",
             file_types=[".safetensors"],
             type="filepath",
             height=120,
@@ -314,7 +315,8 @@ class _Handlers:
         if name not in current:
             empty = [i for i, c in enumerate(current) if not c]
             current[empty[0] if empty else 0] = name
-        return f"Uploaded and validated: {name}", None, *self._choices(current)
+        shown = self.service.adapter_label(name)
+        return f"Uploaded and validated: {shown}", None, *self._choices(current)
 
     def rescan(self, *current: Any) -> tuple:
         found = self.service.rescan()
