@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import functional
-from .layers import DeLoRAContainer, DeLoRALayer, apply_update, compute_dtype
+from .layers import DeLoRAContainer, DeLoRALayer, apply_update
 
 
 @dataclass
@@ -75,7 +75,7 @@ def structure_changed() -> None:
 
 
 # --- the per-layer cache ----------------------------------------------------------------------------------------
-def _stamp(layer: DeLoRALayer, dtype: torch.dtype) -> tuple:
+def _stamp(layer: DeLoRALayer) -> tuple:
     """Everything the folded factors depend on (see the module docstring for when they go stale).
 
     Reads go through ``_parameters`` / ``_buffers`` directly: this runs for every layer on every forward.
@@ -92,39 +92,39 @@ def _stamp(layer: DeLoRALayer, dtype: torch.dtype) -> tuple:
         w.data_ptr(),
         frozen,
         layer.effective_scale,
-        dtype,
     )
 
 
-def _set_cache(layer: DeLoRALayer, A_f: torch.Tensor, B_f: torch.Tensor, stamp: tuple) -> None:
+def _set_cache(layer: DeLoRALayer, scales: torch.Tensor, stamp: tuple) -> None:
     # Plain attributes: written straight into __dict__, skipping nn.Module.__setattr__'s checks. Copies and
     # pickles of the layer leave them behind (DeLoRALayer.__getstate__).
-    layer.__dict__["_cache"] = (A_f, B_f)
+    layer.__dict__["_cache"] = scales
     layer.__dict__["_cache_stamp"] = stamp
 
 
-def _cache_is_fresh(layer: DeLoRALayer, dtype: torch.dtype) -> bool:
-    return layer.__dict__.get("_cache") is not None and layer.__dict__["_cache_stamp"] == _stamp(layer, dtype)
+def _cache_is_fresh(layer: DeLoRALayer) -> bool:
+    return layer.__dict__.get("_cache") is not None and layer.__dict__["_cache_stamp"] == _stamp(layer)
 
 
 def clear_cache(layer: DeLoRALayer) -> None:
     layer.__dict__["_cache"] = layer.__dict__["_cache_stamp"] = None
 
 
-def layer_factors(layer: DeLoRALayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded (A', B') in `dtype`: the cached pair when still fresh, else folded here.
+def layer_scales(layer: DeLoRALayer) -> torch.Tensor:
+    """The layer's per-rank scales s (:func:`functional.rank_scales`): the cached ones when still fresh, else
+    computed here.
 
-    When training, a pair folded here is not cached: the next forward may follow a backward that freed its
-    graph. The batched refresh owns caching while gradients flow.
+    When training, scales computed here are not cached: the next forward may follow a backward that freed
+    their graph. The batched refresh owns caching while gradients flow.
     """
-    if _cache_is_fresh(layer, dtype):
+    if _cache_is_fresh(layer):
         return layer.__dict__["_cache"]
     if torch.is_grad_enabled():
         project_lambdas([layer])
-    factors = layer.compute_factors(dtype)
+    scales = layer.compute_scales()
     if not (torch.is_grad_enabled() and layer.delora_A.requires_grad):
-        _set_cache(layer, *factors, _stamp(layer, dtype))
-    return factors
+        _set_cache(layer, scales, _stamp(layer))
+    return scales
 
 
 # --- the forward hook -------------------------------------------------------------------------------------------
@@ -136,32 +136,28 @@ def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> t
     if torch.compiler.is_compiling():
         return _compiled_update(base, container, args[0], output)
     x = args[0]
-    dtype = None
     for layer in container._modules.values():
         if not layer.contributes():
             continue
         if layer.training and layer.module_dropout > 0 and random.random() < layer.module_dropout:
             continue
-        dtype = dtype or compute_dtype(base)
-        A_f, B_f = layer_factors(layer, dtype)
-        output = output + apply_update(base, x, A_f, B_f, _options.recompute_hidden).to(output.dtype)
+        update = apply_update(base, layer, x, layer_scales(layer), _options.recompute_hidden)
+        output = output + update.to(output.dtype)
     return output
 
 
 def _compiled_update(
     base: nn.Module, container: DeLoRAContainer, x: torch.Tensor, output: torch.Tensor
 ) -> torch.Tensor:
-    """The hook as dynamo traces it: the pair the eager refresh handed over, else one folded here from
-    tensors only (:func:`traced_fold`); dropout as a tensor op. No Python-side checks, so no graph breaks."""
-    dtype = compute_dtype(base)
+    """The hook as dynamo traces it: the scales the eager refresh handed over, else ones computed here from
+    tensors only (:func:`traced_scales`); dropout as a tensor op. No Python-side checks, so no graph breaks."""
     for layer in container._modules.values():
         if not layer.active or layer.merged:
             continue
-        factors = getattr(layer, "_compiled_factors", None)
-        if factors is None:
-            A_f, B_f = traced_fold([layer], dtype)
-            factors = (A_f[0], B_f[0])
-        update = apply_update(base, x, *factors, _options.recompute_hidden)
+        scales = getattr(layer, "_compiled_factors", None)
+        if scales is None:
+            scales = traced_scales([layer])[0]
+        update = apply_update(base, layer, x, scales, _options.recompute_hidden)
         if layer.training and layer.module_dropout > 0:
             update = update * (torch.rand((), device=x.device) >= layer.module_dropout)
         output = output + update.to(output.dtype)
@@ -190,9 +186,8 @@ def detach(base: nn.Module) -> None:
 class _Group:
     members: list[DeLoRALayer]
     rank: int
-    frozen_versions: tuple  # versions / storages of the members' frozen tensors when stacked
-    w: torch.Tensor  # (L, in), stacked once: the norms are frozen
-    frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # paper init: (A0 diag(w), -B0 / (r|a0||b0|))
+    frozen_versions: tuple  # versions / storages of the members' frozen tensors when computed
+    frozen_unit: torch.Tensor | None = None  # paper init: (L, r), -1 / (r |a0| |b0|) (constant, so kept)
     lambda_max: torch.Tensor | None = None  # (L, 1): the relative bound's |lambda| limits (inf: none)
 
 
@@ -251,23 +246,24 @@ def _frozen_versions(members: list[DeLoRALayer]) -> tuple:
 
 
 def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group:
-    """Stacked, pre-folded frozen tensors for this exact member list (rebuilt when any of them changes)."""
+    """The members' constant vectors, stacked for this exact member list (rebuilt when any of them changes)."""
     group = plan.groups.get(key)
     versions = _frozen_versions(members)
     if group is None or group.members != members or group.frozen_versions != versions:
+        first = members[0]
         with torch.no_grad():
-            w = torch.stack([a.delora_w_norm for a in members])
-            frozen = None
-            if members[0].init == "paper":
+            frozen_unit = None
+            if first.init == "paper":
                 A0 = torch.stack([a.delora_A0 for a in members])
                 B0 = torch.stack([a.delora_B0 for a in members])
-                frozen = functional.frozen_pair_factors(A0, B0, w, members[0].rank)
+                frozen_unit = functional.frozen_unit_scales(A0, B0, first.rank)
             limits = [a.lambda_max for a in members]
             lambda_max = None
             if any(limit is not None for limit in limits):
                 values = [float("inf") if limit is None else limit for limit in limits]
-                lambda_max = torch.tensor(values, dtype=w.dtype, device=w.device).unsqueeze(-1)
-        group = _Group(members, members[0].rank, versions, w, frozen, lambda_max)
+                A = first.delora_A
+                lambda_max = torch.tensor(values, dtype=A.dtype, device=A.device).unsqueeze(-1)
+        group = _Group(members, first.rank, versions, frozen_unit, lambda_max)
         plan.groups[key] = group
     return group
 
@@ -290,13 +286,12 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 class _FoldGroup(torch.autograd.Function):
-    """Fold a whole group's factors in one node, keeping only the parameters themselves for backward.
+    """A whole group's per-rank scales s (:func:`functional.rank_scales`) in one node, (L, r) or (L, 2r).
 
-    Autograd over the stacked ops would keep the stacked copies of A and B and every intermediate (norms,
-    scales); here backward re-stacks the parameters (which exist anyway) and applies the closed-form
-    gradients of ``A' = A diag(w)`` and ``B' = B diag(lam * scale * u)``, ``u = 1 / (r |a| |b|)`` (norms
-    clamped at :data:`functional.NORM_EPS`), plus lambda's share of the frozen columns. Same math as
-    :func:`functional.fold_factors`; just fewer, larger ops and no saved intermediates.
+    Keeps for backward only the parameters (which exist anyway) and (L, r) vectors; backward re-stacks A and
+    B once and applies the closed-form gradient of ``s = lam * scale * u``, ``u = 1 / (r |a| |b|)`` (norms
+    clamped at :data:`functional.NORM_EPS`), plus lambda's share of the frozen ranks' ``lam * scale * u0``.
+    The layers' updates (``layers._DeLoRALinear``) give A and B their direct gradients.
     """
 
     @staticmethod
@@ -305,73 +300,62 @@ class _FoldGroup(torch.autograd.Function):
         rank: int,
         n: int,
         scale: float | torch.Tensor,
-        w: torch.Tensor,
-        frozen_A: torch.Tensor | None,
-        frozen_B: torch.Tensor | None,
+        frozen_unit: torch.Tensor | None,
         lambda_max: torch.Tensor | None,
         *params: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
-        ctx.rank, ctx.n = rank, n
-        ctx.flags = (isinstance(scale, torch.Tensor), frozen_B is not None, lambda_max is not None)
-        if not ctx.flags[0]:
-            ctx.scale = scale
-        optional = (scale, frozen_B, lambda_max)
-        ctx.save_for_backward(w, *(t for t, on in zip(optional, ctx.flags) if on), *params)
-        if lambda_max is not None:
-            lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
-        frozen = None if frozen_A is None else (frozen_A, frozen_B)
-        return functional.fold_factors(A, B, lam, w, rank, scale, frozen)
-
-    @staticmethod
-    def backward(ctx, grad_A_f: torch.Tensor, grad_B_f: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        r, n = ctx.rank, ctx.n
-        saved = list(ctx.saved_tensors)
-        w = saved.pop(0)
-        scale, frozen_B, lambda_max = (saved.pop(0) if on else None for on in ctx.flags)
-        if scale is None:
-            scale = ctx.scale
-        A, B, lam = (torch.stack(saved[i * n : (i + 1) * n]) for i in range(3))
         inside = None
         if lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
             inside = lam.abs() <= lambda_max
             lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
         a_raw, b_raw = A.norm(dim=-1), B.norm(dim=-2)  # (L, r)
+        scale_t = torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)
+        ctx.rank, ctx.n = rank, n
+        ctx.save_for_backward(a_raw, b_raw, lam, scale_t, inside, frozen_unit, *params)
+        scales = (
+            lam
+            * scale_t
+            / (rank * a_raw.clamp_min(functional.NORM_EPS) * b_raw.clamp_min(functional.NORM_EPS))
+        )
+        if frozen_unit is None:
+            return scales
+        return torch.cat([scales, lam * scale_t * frozen_unit], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        r, n = ctx.rank, ctx.n
+        a_raw, b_raw, lam, scale, inside, frozen_unit, *params = ctx.saved_tensors
         a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
-        unit = scale / (r * a_norm * b_norm)  # d scale / d lam
+        unit = scale / (r * a_norm * b_norm)  # d s / d lam
         rank_scales = lam * unit
-        g_B_f = grad_B_f[..., :r]
-        grad_A = grad_A_f[..., :r, :] * w.unsqueeze(-2)
-        grad_B = g_B_f * rank_scales.unsqueeze(-2)
-        grad_scales = (g_B_f * B).sum(dim=-2)  # (L, r)
-        grad_lam = (grad_scales * unit).sum(dim=-1, keepdim=True)
-        if frozen_B is not None:
-            grad_lam = grad_lam + (grad_B_f[..., r:] * frozen_B).sum(dim=(-2, -1)).unsqueeze(-1) * scale
-        # rank_scales = lam * scale / (r |a| |b|): d/d|a| = -rank_scales / |a|, through the clamp (mask |a| >= eps)
-        # and the norm (d|a|/da = a / |a|).
-        g_norm = grad_scales * rank_scales
-        g_a = torch.where(a_raw >= functional.NORM_EPS, -g_norm / (a_norm * a_raw.clamp_min(1e-30)), 0.0)
-        g_b = torch.where(b_raw >= functional.NORM_EPS, -g_norm / (b_norm * b_raw.clamp_min(1e-30)), 0.0)
-        grad_A = grad_A + g_a.unsqueeze(-1) * A
-        grad_B = grad_B + g_b.unsqueeze(-2) * B
+        g = grad_s[..., :r]
+        grad_lam = (g * unit).sum(dim=-1, keepdim=True)
+        if frozen_unit is not None:
+            grad_lam = grad_lam + (grad_s[..., r:] * frozen_unit).sum(dim=-1, keepdim=True) * scale
         if inside is not None:
             grad_lam = grad_lam * inside
+        # s = lam * scale / (r |a| |b|): d/d|a| = -s / |a|, through the clamp (mask |a| >= eps) and the norm
+        # (d|a|/da = a / |a|).
+        g_norm = g * rank_scales
+        g_a = torch.where(a_raw >= functional.NORM_EPS, -g_norm / (a_norm * a_raw.clamp_min(1e-30)), 0.0)
+        g_b = torch.where(b_raw >= functional.NORM_EPS, -g_norm / (b_norm * b_raw.clamp_min(1e-30)), 0.0)
+        grad_A = g_a.unsqueeze(-1) * torch.stack(params[:n])
+        grad_B = g_b.unsqueeze(-2) * torch.stack(params[n : 2 * n])
         grads = (*grad_A.unbind(0), *grad_B.unbind(0), *grad_lam.unbind(0))
-        return (None,) * 7 + grads
+        return (None,) * 5 + grads
 
 
 def fold_group(
     rank: int,
     scale: float | torch.Tensor,
-    w: torch.Tensor,
-    frozen: tuple[torch.Tensor, torch.Tensor] | None,
+    frozen_unit: torch.Tensor | None,
     lambda_max: torch.Tensor | None,
     members: list[DeLoRALayer],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked (A', B') of `members` (same shapes, rank and init) through :class:`_FoldGroup`."""
+) -> torch.Tensor:
+    """Stacked per-rank scales of `members` (same shapes, rank and init) through :class:`_FoldGroup`."""
     params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
-    frozen_A, frozen_B = (None, None) if frozen is None else frozen
-    return _FoldGroup.apply(rank, len(members), scale, w, frozen_A, frozen_B, lambda_max, *params)
+    return _FoldGroup.apply(rank, len(members), scale, frozen_unit, lambda_max, *params)
 
 
 def project_lambdas(layers: list[DeLoRALayer]) -> None:
@@ -389,7 +373,7 @@ def project_lambdas(layers: list[DeLoRALayer]) -> None:
 def _grad_left(layer: DeLoRALayer, training: bool) -> bool:
     """A pair folded while training, met without grad: refold it, so it lets its graph go and a compiled
     graph always sees the same kind of input (a pair that requires grad or not) in the same mode."""
-    return not training and layer.__dict__["_cache"][0].requires_grad
+    return not training and layer.__dict__["_cache"].requires_grad
 
 
 def refresh_factors(root: nn.Module) -> None:
@@ -407,10 +391,9 @@ def refresh_factors(root: nn.Module) -> None:
         if entry.container.disabled or not layer.active or layer.merged or not _is_materialized(layer):
             continue
         handed.append(layer)
-        dtype = compute_dtype(entry.base)
         A = layer._parameters["delora_A"]
-        if training and A.requires_grad or not _cache_is_fresh(layer, dtype) or _grad_left(layer, training):
-            stale.setdefault(entry.key + (A.dtype, A.device, dtype), []).append(layer)
+        if training and A.requires_grad or not _cache_is_fresh(layer) or _grad_left(layer, training):
+            stale.setdefault(entry.key + (A.dtype, A.device), []).append(layer)
     for key, members in stale.items():
         group = _group(plan, key, members)
         A = members[0]._parameters["delora_A"]
@@ -419,41 +402,38 @@ def refresh_factors(root: nn.Module) -> None:
             scale: float | torch.Tensor = scales[0]
         else:
             scale = torch.tensor(scales, dtype=A.dtype, device=A.device).unsqueeze(-1)
-        A_f, B_f = fold_group(group.rank, scale, group.w, group.frozen, group.lambda_max, members)
-        dtype = key[-1]
-        A_f, B_f = A_f.to(dtype), B_f.to(dtype)
-        for layer, a_f, b_f in zip(members, A_f.unbind(0), B_f.unbind(0), strict=True):
-            _set_cache(layer, a_f, b_f, _stamp(layer, dtype))
+        scales_all = fold_group(group.rank, scale, group.frozen_unit, group.lambda_max, members)
+        for layer, scales_row in zip(members, scales_all.unbind(0), strict=True):
+            _set_cache(layer, scales_row, _stamp(layer))
     for layer in handed:  # fresh now: what a compiled forward uses (see refresh_pre_hook)
         layer.__dict__["_compiled_factors"] = layer.__dict__["_cache"]
 
 
-def traced_fold(members: list[DeLoRALayer], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked (A', B') of one group for a compiled graph: every input read as a tensor, nothing cached.
+def traced_scales(members: list[DeLoRALayer]) -> torch.Tensor:
+    """Stacked per-rank scales of one group for a compiled graph: every input read as a tensor, nothing cached.
 
-    The frozen tensors are stacked here (buffers, so a ``load_state_dict`` is seen at once); the scale comes
+    The frozen tensors are read here (buffers, so a ``load_state_dict`` is seen at once); the scale comes
     from each layer's ``scale_tensor`` and the relative bound's limits are computed from w, so neither a scale
     change nor a load recompiles. (The eager pre-hook projects trainable lambdas onto their bound.)
     """
     first = members[0]
     rank, paper = first.rank, first.init == "paper"
+    dtype = first.delora_A.dtype
     with torch.no_grad():
-        w = torch.stack([a._buffers["delora_w_norm"] for a in members])
-        frozen = None
+        frozen_unit = None
         if paper:
             A0 = torch.stack([a._buffers["delora_A0"] for a in members])
             B0 = torch.stack([a._buffers["delora_B0"] for a in members])
-            frozen = functional.frozen_pair_factors(A0, B0, w, rank)
-        scale = torch.stack([a._buffers["scale_tensor"] for a in members]).unsqueeze(-1).to(w.dtype)
+            frozen_unit = functional.frozen_unit_scales(A0, B0, rank)
+        scale = torch.stack([a._buffers["scale_tensor"] for a in members]).unsqueeze(-1).to(dtype)
         lambda_max = None
         if any(a.relative_bound is not None for a in members):
             rho = [float("inf") if a.relative_bound is None else a.relative_bound for a in members]
-            wf = w.float()
+            wf = torch.stack([a._buffers["delora_w_norm"] for a in members]).float()
             limit = wf.norm(dim=-1, keepdim=True) / wf.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-            limit = limit * torch.tensor(rho, device=w.device).unsqueeze(-1) / (2 if paper else 1)
-            lambda_max = limit.to(w.dtype)
-    A_f, B_f = fold_group(rank, scale, w, frozen, lambda_max, members)
-    return A_f.to(dtype), B_f.to(dtype)
+            limit = limit * torch.tensor(rho, device=wf.device).unsqueeze(-1) / (2 if paper else 1)
+            lambda_max = limit.to(dtype)
+    return fold_group(rank, scale, frozen_unit, lambda_max, members)
 
 
 @torch.compiler.disable

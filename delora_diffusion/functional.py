@@ -51,6 +51,45 @@ def frozen_pair_factors(
     return A0 * w.unsqueeze(-2), -B0 * unit.unsqueeze(-2)
 
 
+def frozen_unit_scales(A0: torch.Tensor, B0: torch.Tensor, rank: int) -> torch.Tensor:
+    """-1 / (r |a0_i| |b0_i|): the paper init's frozen rank-1 scales up to lam * scale; constant, so kept once."""
+    return -rank_one_scales(A0, B0, torch.ones((), dtype=A0.dtype, device=A0.device), rank)
+
+
+def rank_scales(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    lam: torch.Tensor,
+    rank: int,
+    scale: float | torch.Tensor = 1.0,
+    frozen_unit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The per-rank scales s the forward applies, (..., r), or (..., 2r) with the paper init's frozen ranks after.
+
+    With them ``dW = [B, B0] diag(s) [A; A0] diag(w)``: the same dW as :func:`fold_factors`, but only s (a few
+    numbers per layer) depends on lambda and the norms, so no folded copy of A or B needs to outlive a layer's
+    forward (:func:`scaled_factors` makes one there, transiently).
+    """
+    scales = rank_one_scales(A, B, lam, rank, scale)
+    if frozen_unit is None:
+        return scales
+    return torch.cat([scales, lam * scale * frozen_unit], dim=-1)
+
+
+def scaled_factors(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    w: torch.Tensor,
+    s: torch.Tensor,
+    A0: torch.Tensor | None = None,
+    B0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') = ([A; A0] diag(w), [B, B0] diag(s)) for one layer, from the scales of :func:`rank_scales`."""
+    if A0 is not None:
+        A, B = torch.cat([A, A0]), torch.cat([B, B0], dim=-1)
+    return A * w, B * s
+
+
 def fold_factors(
     A: torch.Tensor,
     B: torch.Tensor,

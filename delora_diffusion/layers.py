@@ -13,6 +13,7 @@ cached, and when a cache goes stale, is :mod:`delora_diffusion.fastpath`'s busin
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -175,23 +176,18 @@ class DeLoRALayer(nn.Module):
             None if B0 is None else B0.float(),
         )
 
-    def compute_factors(
-        self, dtype: torch.dtype, scale: float | torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's folded (A', B') in `dtype`, through autograd (the per-layer path)."""
+    def compute_scales(self, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's per-rank scales s (:func:`functional.rank_scales`), through autograd (the per-layer path)."""
         A0, B0 = self.frozen_pair
-        w = self.delora_w_norm
-        frozen = None if A0 is None else functional.frozen_pair_factors(A0, B0, w, self.rank)
-        A_f, B_f = functional.fold_factors(
+        frozen = None if A0 is None else functional.frozen_unit_scales(A0, B0, self.rank)
+        return functional.rank_scales(
             self.delora_A,
             self.delora_B,
             self.bounded_lambda(),
-            w,
             self.rank,
             self.effective_scale if scale is None else scale,
             frozen,
         )
-        return A_f.to(dtype), B_f.to(dtype)
 
     def contributes(self) -> bool:
         return self.active and not self.merged and self.effective_scale != 0.0
@@ -224,57 +220,79 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
-class _LowRankLinear(torch.autograd.Function):
-    """``x A'^T B'^T`` that keeps only x (which the layer's input holds anyway) and the small factors.
+def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The update casts to the compute dtype itself; autocast would recast (and, in backward, is not on)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
-    Autograd's two linears would also keep the hidden ``x A'^T`` (T x r; T x 2r for the paper init), a sizable
-    activation when r is not tiny against the layer width. Backward recomputes it with one skinny matmul,
-    so the update adds no activation memory of its own: less than LoRA, which keeps its hidden.
+
+class _DeLoRALinear(torch.autograd.Function):
+    """``x A'^T B'^T`` with ``(A', B')`` from :func:`functional.scaled_factors`, made here and made again in
+    backward, so an adapted layer keeps for backward what LoRA keeps (x and the parameters) plus the small
+    vectors w and s: no folded copy of the adapter lives across the step. Without `keep_hidden` the T x r
+    hidden ``x A'^T`` is recomputed in backward too (one skinny matmul), which LoRA keeps.
+
+    The gradients of A and B here are the direct ones (through ``A diag(w)`` and ``B diag(s)``); their share
+    through the norms in s reaches them from the batched fold (``fastpath._FoldGroup``) via s's gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, A_f, B_f)
-        return F.linear(F.linear(x, A_f), B_f)
+    def forward(ctx, x, s, A, B, w, A0, B0, dtype: torch.dtype, keep_hidden: bool):  # type: ignore[override]
+        with _autocast_off(x):
+            A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
+            hidden = F.linear(x.to(dtype), A_f)
+            y = F.linear(hidden, B_f)
+        ctx.dtype = dtype
+        ctx.save_for_backward(x, s, A, B, w, A0, B0, hidden if keep_hidden else None)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, A_f, B_f = ctx.saved_tensors
-        grad2 = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_hidden = grad2 @ B_f  # (T, r)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_hidden @ A_f).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_A = grad_hidden.t() @ x2
-        if ctx.needs_input_grad[2]:
-            grad_B = grad2.t() @ (x2 @ A_f.t())
-        return grad_x, grad_A, grad_B
+        x, s, A, B, w, A0, B0, hidden = ctx.saved_tensors
+        dtype, r = ctx.dtype, A.shape[0]
+        with _autocast_off(grad):
+            A_cat, B_cat = (A, B) if A0 is None else (torch.cat([A, A0]), torch.cat([B, B0], dim=-1))
+            A_f, B_f = (A_cat * w).to(dtype), (B_cat * s).to(dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            grad2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            grad_hidden = grad2 @ B_f  # (T, R)
+            grad_x = grad_s = grad_A = grad_B = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_hidden @ A_f).reshape(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_A = (grad_hidden[:, :r].t() @ x2).to(A.dtype) * w
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+                hidden = x2 @ A_f.t() if hidden is None else hidden.reshape(-1, hidden.shape[-1])
+                grad_B_f = (grad2.t() @ hidden).to(B.dtype)  # (out, R)
+                grad_B = grad_B_f[:, :r] * s[:r]
+                grad_s = (grad_B_f * B_cat).sum(dim=0)
+        return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None
 
 
 def apply_update(
-    base: nn.Module, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, recompute_hidden: bool = True
+    base: nn.Module, layer: DeLoRALayer, x: torch.Tensor, s: torch.Tensor, recompute_hidden: bool = True
 ) -> torch.Tensor:
-    """x -> x A'^T B'^T, LoRA's two skinny matmuls (two convs for a Conv2d: kxk into rank, then 1x1 out).
+    """x -> x A'^T B'^T for one adapter with per-rank scales `s`: LoRA's two skinny matmuls (two convs for a
+    Conv2d: kxk into rank, then 1x1 out).
 
-    `recompute_hidden` (Linear, training, no autocast, not compiling): keep no T x r hidden for backward,
-    see :class:`_LowRankLinear`. A compiled graph gets the two plain linears: dynamo's eager wrapper of a
-    custom autograd.Function costs more than the matmuls here, and a compiler decides what to recompute.
+    Training a Linear (not compiling) goes through :class:`_DeLoRALinear`, which keeps no folded copy
+    (`recompute_hidden`: nor the hidden) for backward. Elsewhere the transient (A', B') is plain autograd ops:
+    inference keeps nothing, and a compiled graph is left to its compiler (dynamo's wrapper of a custom
+    autograd.Function costs more than the matmuls here).
     """
-    if isinstance(base, nn.Conv2d):
-        down = A_f.reshape(A_f.shape[0], *base.weight.shape[1:])
-        hidden = base._conv_forward(x, down, None)
-        return F.conv2d(hidden, B_f[:, :, None, None])
-    if (
-        recompute_hidden
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and x.dtype == A_f.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-    ):
-        return _LowRankLinear.apply(x, A_f, B_f)
-    return F.linear(F.linear(x, A_f), B_f)
+    params, buffers = layer._parameters, layer._buffers
+    A, B, w = params["delora_A"], params["delora_B"], buffers["delora_w_norm"]
+    A0, B0 = buffers.get("delora_A0"), buffers.get("delora_B0")
+    dtype = compute_dtype(base)
+    if isinstance(base, nn.Conv2d) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
+        if isinstance(base, nn.Conv2d):
+            hidden = base._conv_forward(x, A_f.reshape(A_f.shape[0], *base.weight.shape[1:]), None)
+            return F.conv2d(hidden, B_f[:, :, None, None])
+        return F.linear(F.linear(x, A_f), B_f)
+    return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
 
 
 # --- merging: the frozen weight is always rebuilt from its pristine copy ------------------------------------

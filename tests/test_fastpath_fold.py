@@ -1,4 +1,5 @@
-"""The batched fold (fastpath._FoldGroup) against autograd over the reference math, and its cache upkeep."""
+"""The batched fold (fastpath._FoldGroup) and the layer update against autograd over the reference math, the
+memory they keep, and the cache upkeep."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from delora_diffusion import fastpath, functional, layers
 @pytest.mark.parametrize("zero_B", [False, True])
 @pytest.mark.parametrize("bounded", [False, True])
 def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zero_B, bounded):
-    """Closed-form backward == autograd through functional.fold_factors (float64), incl. clamped norms and
+    """Closed-form backward == autograd through functional.rank_scales (float64), incl. clamped norms and
     lambda clamped to a relative bound (one layer inside it, one beyond it, one unbounded)."""
     gen = torch.Generator().manual_seed(0)
     L, r, n_in, n_out = 3, 4, 5, 6
@@ -27,11 +28,9 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
     A = [leaf(r, n_in) for _ in range(L)]
     B = [leaf(n_out, r, zero=zero_B) for _ in range(L)]
     lam = [leaf(1) for _ in range(L)]
-    w = torch.rand(L, n_in, generator=gen).double() + 0.5
     A0, B0 = torch.randn(L, r, n_in, generator=gen).double(), torch.randn(L, n_out, r, generator=gen).double()
     mult = torch.rand(L, 1, generator=gen).double() if per_layer_mult else 0.7
-    paper = init == "paper"
-    frozen = functional.frozen_pair_factors(A0, B0, w, r) if paper else None
+    frozen_unit = functional.frozen_unit_scales(A0, B0, r) if init == "paper" else None
 
     lambda_max = None
     ref_lam = torch.stack(lam)
@@ -40,43 +39,136 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
             [[lam[0].abs().item() * 2], [lam[1].abs().item() / 2], [float("inf")]]
         ).double()
         ref_lam = torch.minimum(torch.maximum(ref_lam, -lambda_max), lambda_max)
-    args = (r, L, mult, w, *(frozen or (None, None)), lambda_max)
-    A_f, B_f = fastpath._FoldGroup.apply(*args, *A, *B, *lam)
-    ref_A, ref_B = functional.fold_factors(
-        torch.stack(A),
-        torch.stack(B),
-        ref_lam,
-        w,
-        r,
-        mult,
-        frozen,
-    )
-    torch.testing.assert_close(A_f, ref_A)
-    torch.testing.assert_close(B_f, ref_B)
-    up_A, up_B = (
-        torch.randn(A_f.shape, generator=gen).double(),
-        torch.randn(B_f.shape, generator=gen).double(),
-    )
-    ours = torch.autograd.grad((A_f * up_A).sum() + (B_f * up_B).sum(), A + B + lam)
-    ref = torch.autograd.grad((ref_A * up_A).sum() + (ref_B * up_B).sum(), A + B + lam)
-    for got, want in zip(ours, ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * max(1.0, want.abs().max().item()))
+    scales = fastpath._FoldGroup.apply(r, L, mult, frozen_unit, lambda_max, *A, *B, *lam)
+    ref = functional.rank_scales(torch.stack(A), torch.stack(B), ref_lam, r, mult, frozen_unit)
+    torch.testing.assert_close(scales, ref)
+    up = torch.randn(scales.shape, generator=gen).double()
+    ours = torch.autograd.grad((scales * up).sum(), A + B + lam)
+    want = torch.autograd.grad((ref * up).sum(), A + B + lam)
+    for got, exp in zip(ours, want, strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-9 * max(1.0, exp.abs().max().item()))
 
 
-def test_low_rank_linear_matches_two_linears():
-    """The hidden-recomputing update gives autograd's values and gradients."""
+@pytest.mark.parametrize("init", ["paper", "zero"])
+@pytest.mark.parametrize("keep_hidden", [False, True])
+def test_the_layer_update_matches_autograd_through_the_transient_factors(init, keep_hidden):
+    """layers._DeLoRALinear (factors made again in backward) gives autograd's values and gradients."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 7, 5, generator=gen).double().requires_grad_()
-    A_f = torch.randn(3, 5, generator=gen).double().requires_grad_()
-    B_f = torch.randn(4, 3, generator=gen).double().requires_grad_()
-    up = torch.randn(2, 7, 4, generator=gen).double()
-    y = layers._LowRankLinear.apply(x, A_f, B_f)
+    r, n_in, n_out = 3, 5, 4
+    R = 2 * r if init == "paper" else r
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).double().requires_grad_()
+
+    x, s, A, B = leaf(2, 7, n_in), leaf(R), leaf(r, n_in), leaf(n_out, r)
+    w = torch.rand(n_in, generator=gen).double() + 0.5
+    A0, B0 = (torch.randn(r, n_in, generator=gen).double(), torch.randn(n_out, r, generator=gen).double())
+    if init == "zero":
+        A0 = B0 = None
+    up = torch.randn(2, 7, n_out, generator=gen).double()
+    y = layers._DeLoRALinear.apply(x, s, A, B, w, A0, B0, torch.float64, keep_hidden)
+    A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
     ref = torch.nn.functional.linear(torch.nn.functional.linear(x, A_f), B_f)
     torch.testing.assert_close(y, ref)
-    ours = torch.autograd.grad((y * up).sum(), (x, A_f, B_f))
-    want = torch.autograd.grad((ref * up).sum(), (x, A_f, B_f))
+    ours = torch.autograd.grad((y * up).sum(), (x, s, A, B))
+    want = torch.autograd.grad((ref * up).sum(), (x, s, A, B))
     for got, exp in zip(ours, want, strict=True):
         torch.testing.assert_close(got, exp)
+
+
+def _bounded_net(init: str, rho: float | None) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 5))
+    kwargs = {"relative_bound": rho} if rho else {"lambda_init": 1.5}
+    config = dd.DeLoRAConfig(rank=3, init=init, target_modules=["0", "2"], **kwargs)
+    dd.inject_delora(model, config).double()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, _, _, a in dd.iter_delora_layers(model):
+            a.delora_A.add_(torch.randn(a.delora_A.shape, generator=gen, dtype=torch.float64))
+            a.delora_B.add_(torch.randn(a.delora_B.shape, generator=gen, dtype=torch.float64))
+            if rho:  # beyond the bound, as after an optimizer step: the forward projects lambda back
+                a.delora_lambda.fill_(3 * a.lambda_max)
+    return model
+
+
+@pytest.mark.parametrize("init", ["paper", "zero"])
+@pytest.mark.parametrize("rho", [None, 0.05])
+@pytest.mark.parametrize("batched", [True, False])
+def test_model_gradients_equal_autograd_through_the_dense_delta(init, rho, batched):
+    """End to end: the gradients of A, B and lambda equal plain autograd through functional.delta_weight."""
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = _bounded_net(init, rho)
+    dd.set_delora_scale(model, 0.7)
+    with fastpath.fastpath_options(batched=batched):
+        model.train()
+        loss = model(x).square().sum()
+        loss.backward()
+    ref_model = _bounded_net(init, rho)
+    (_, base0, _, a0), (_, base2, _, a2) = list(dd.iter_delora_layers(ref_model))
+
+    def adapted(base: nn.Linear, a: layers.DeLoRALayer, h: torch.Tensor) -> torch.Tensor:
+        A0, B0 = a.frozen_pair
+        a.project_lambda()
+        lam = a.bounded_lambda()
+        dW = functional.delta_weight(a.delora_A, a.delora_B, lam, a.delora_w_norm, a.rank, 0.7, A0, B0)
+        return torch.nn.functional.linear(h, base.weight + dW, base.bias)
+
+    ref_loss = adapted(base2, a2, torch.nn.functional.silu(adapted(base0, a0, x))).square().sum()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    ours = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+    want = dict((n, p.grad) for n, p in ref_model.named_parameters() if p.requires_grad)
+    assert len(ours) == 6
+    for name, grad in ours:
+        torch.testing.assert_close(grad, want[name], rtol=1e-9, atol=1e-12)
+    if rho:
+        assert all(a.delora_lambda.item() == a.lambda_max for *_, a in dd.iter_delora_layers(model))
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(bytes of the distinct storages autograd keeps for backward, besides the model's own tensors and the
+    input x, the largest of them) for one forward of `model` on `x`."""
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) + [x]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    return sum(saved.values()), max(saved.values(), default=0)
+
+
+@pytest.mark.parametrize("init", ["paper", "zero"])
+def test_training_keeps_no_folded_copy_of_the_adapter(init):
+    """Structural memory check: an adapted layer saves for backward what PEFT LoRA saves on the same layer
+    (x and the parameters) plus vectors of length r, never an adapter-sized folded copy; and what the fast
+    path keeps across steps is vectors too (the cached scales, the group's constants)."""
+    peft = pytest.importorskip("peft")
+    n_in, n_out, r, tokens = 256, 192, 16, 8
+    adapter_bytes = (n_in + n_out) * r * 4
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(n_in, n_out))
+
+    x = torch.randn(tokens, n_in, requires_grad=True)
+    lora = peft.get_peft_model(base(), peft.LoraConfig(r=r, target_modules=["0"]))
+    lora_total, _ = _saved_bytes(lora, x)
+    ours = base()
+    dd.inject_delora(ours, dd.DeLoRAConfig(rank=r, lambda_init=2.0, init=init, target_modules=["0"]))
+    ours_total, ours_largest = _saved_bytes(ours, x)
+    assert ours_largest < adapter_bytes / 20
+    assert ours_total <= lora_total + adapter_bytes / 50
+    ((*_, adapter),) = list(dd.iter_delora_layers(ours))
+    assert adapter.__dict__["_cache"].shape == (2 * r if init == "paper" else r,)
+    kept = [t for g in ours.__dict__["_delora_plan"].groups.values() for t in vars(g).values()]
+    assert sum(t.numel() for t in kept if isinstance(t, torch.Tensor)) <= 2 * r
 
 
 @pytest.mark.parametrize("init", ["paper", "zero"])
