@@ -2,9 +2,10 @@
 
 The app runs as a subprocess (``python app/app.py``) on a free port with a tiny model and an adapters dir. The
 test moves the λ slider with the keyboard, generates, fetches the displayed images' PNG bytes through the page
-and compares their pixels: at λ = 0 the adapted image must equal the base image exactly. A screenshot goes to
-``tests/artifacts/app.png`` (``DELORA_ARTIFACTS_DIR`` overrides); with ``DELORA_UPDATE_SCREENSHOT=1`` it is also
-copied to ``docs/app_screenshot.png`` for the README.
+and compares their pixels: at λ = 0 the adapted image must equal the base image exactly. It then uploads an
+adapter, and picks a plain LoRA file beside the DeLoRA ones with another sampler and two images per click. A
+screenshot goes to ``tests/artifacts/app.png`` (``DELORA_ARTIFACTS_DIR`` overrides); with
+``DELORA_UPDATE_SCREENSHOT=1`` it is also copied to ``docs/app_screenshot.png`` for the README.
 """
 
 from __future__ import annotations

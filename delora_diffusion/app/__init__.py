@@ -2,6 +2,8 @@
 
 - :mod:`.inputs`: ranges, clamping, :class:`GenerationRequest`, the per-request work budget. No Gradio.
 - :mod:`.adapters`: listing the adapters dir (bad entries are reported, never fatal). No Gradio.
+- :mod:`.lora`: plain LoRA files beside DeLoRA ones (kind from the header, summary, diffusers' loader).
+- :mod:`.uploads`: checking an uploaded adapter file. :mod:`.models`: loading a pipeline, one generation.
 - :mod:`.info`: the info panel's cached report and text. No Gradio.
 - :mod:`.service`: :class:`AppService`, everything the app does. No Gradio, so tests and scripts call it.
 - :mod:`.ui`: the Gradio layout and wiring, thin over the service.

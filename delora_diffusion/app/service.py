@@ -11,6 +11,8 @@ Why the service looks the way it does:
   from an upload (``.safetensors``, size-limited, validated, copied into the app's own temp dir). No UI input
   becomes a filesystem path, and no message or panel shows an absolute local path.
 - The per-layer report behind the info panel is computed once per adapter load (see :mod:`.info`).
+- Plain LoRA files (see :mod:`.lora`) are loaded by diffusers itself and run at slot weight × scale, so a
+  user compares them with DeLoRA adapters under the same slider; the base image has both kinds off.
 """
 
 from __future__ import annotations
@@ -118,9 +120,8 @@ class AppService:
         self._pipelines: OrderedDict[str, Any] = OrderedDict()
         self._loaded: dict[str, dict[str, str]] = {}  # model -> {adapter choice -> adapter_name}
         self._info: dict[tuple[str, str], AdapterInfo | LoraSummary] = {}  # (model, choice) -> panel data
-        self._lora_files: dict[
-            tuple[str, str], tuple[int, int]
-        ] = {}  # (model, choice) -> (mtime, size) loaded
+        # (model, choice) -> (mtime, size) of a LoRA file when it was loaded: Rescan compares them
+        self._lora_files: dict[tuple[str, str], tuple[int, int]] = {}
         self._active: dict[str, _Active] = {}
         self._schedulers: dict[str, dict[str, Any]] = {}  # model -> {sampler name -> scheduler}, '' its own
         self._uploads: dict[str, tuple[Path, str]] = {}  # name -> (validated copy, kind)
@@ -347,9 +348,8 @@ class AppService:
         names = tuple(k for k, _, kind in keys if kind == DELORA)
         weights = tuple(w for _, w, kind in keys if kind == DELORA)
         lora_names = tuple(k for k, _, kind in keys if kind == LORA)
-        lora_weights = tuple(
-            w * scale for _, w, kind in keys if kind == LORA
-        )  # the scale slider scales LoRA too
+        # the scale slider scales a LoRA's weight as it scales every DeLoRA λ
+        lora_weights = tuple(w * scale for _, w, kind in keys if kind == LORA)
         before = self._active.get(model)
         if before is None or (before.names, before.weights) != (names, weights):
             if names or self._loaded_of(model, DELORA):
@@ -414,9 +414,9 @@ class AppService:
         """`image` with its A1111-style ``parameters`` text (see :mod:`.outputs`); no absolute paths.
 
         DeLoRA adapters and plain LoRA files get a field each, so the text says which was which."""
-        named = [(self.adapters_dir.name if c == "." else c, w) for c, w in adapters]
-        delora = [(c, w) for c, w in named if self.adapter_kind(c) != LORA]
-        loras = [(c, w) for c, w in named if self.adapter_kind(c) == LORA]
+        named = [(self.adapters_dir.name if c == "." else c, w, self.adapter_kind(c)) for c, w in adapters]
+        delora = [(c, w) for c, w, kind in named if kind != LORA]
+        loras = [(c, w) for c, w, kind in named if kind == LORA]
         model = self.model_label(self.resolve_model(request.model))
         sampler = request.scheduler or sampler_name(pipe.scheduler)
         text = parameters_text(request, model, sampler, delora, loras=loras, **kw)
