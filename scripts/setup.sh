@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e '.[dev,app]'
+# DeepSpeed for tests/test_deepspeed.py (ZeRO-1/2 on the CPU): its sdist builds only against the installed
+# torch (no build isolation) and without its CUDA ops; naming torch again keeps pip from swapping it.
+DS_BUILD_OPS=0 python -m pip install --quiet --disable-pip-version-check --no-build-isolation \
+  torch==2.13.0 'deepspeed>=0.15'
 if [ ! -x /usr/bin/chromium ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
