@@ -174,3 +174,53 @@ def test_tiny_unet_training_step_is_one_graph():
     grads = [p.grad for p in unet.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert counting.graphs == 1 and not counters["graph_break"] and not counters["recompiles"]
+
+
+def test_training_script_under_accelerate_dynamo_backend_matches_uncompiled(tmp_path):
+    """`accelerate launch --dynamo_backend eager`: the script's denoiser is compiled (one traced frame, no graph
+    break) and trains exactly as the uncompiled run does, step by step (tensorboard losses) and in the file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training import LAUNCH, SCRIPT, common, env
+    from tiny_pipelines import MAKERS
+
+    model, images = MAKERS["sd"](tmp_path / "model"), tmp_path / "instance"
+    images.mkdir()
+    for i in range(2):
+        pixels = (np.random.default_rng(i).random((32, 32, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    runs = {}
+    for backend in ("no", "eager"):
+        out = tmp_path / backend
+        launch = [*LAUNCH]
+        launch[launch.index("--dynamo_backend") + 1] = backend
+        args = [*common(model, images, out, "sd"), "--max_train_steps", "3", "--report_to", "tensorboard"]
+        proc = subprocess.run(
+            [*launch, str(SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            env=dict(env(), TORCH_LOGS="dynamo,graph_breaks"),
+            timeout=400,
+        )
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        losses = []
+        for events in out.rglob("events.out.tfevents.*"):  # one file per tracker run and writer
+            accumulator = EventAccumulator(os.fspath(events))
+            accumulator.Reload()
+            if "loss" in accumulator.Tags()["scalars"]:
+                losses += [e.value for e in accumulator.Scalars("loss")]
+        runs[backend] = losses, load_file(out / "delora_weights.safetensors"), proc.stderr
+    assert "torchdynamo done tracing" not in runs["no"][2]
+    assert runs["eager"][2].count("torchdynamo done tracing") == 1 and "Graph break" not in runs["eager"][2]
+    assert len(runs["no"][0]) == 3 and runs["eager"][0] == pytest.approx(runs["no"][0], rel=1e-5)
+    for key, value in runs["no"][1].items():
+        torch.testing.assert_close(runs["eager"][1][key], value, rtol=1e-4, atol=1e-5)
