@@ -367,7 +367,7 @@ def _persistent_adapter_tensors(trainer: Trainer) -> list[torch.Tensor]:
     plan = unet.__dict__.get("_delora_plan")
     if plan is not None:
         for group in plan.groups.values():
-            for value in vars(group).values():  # w, lambda_max and the paper init's pre-folded frozen pair
+            for value in vars(group).values():  # lambda_max and the paper init's frozen unit scales
                 values = value if isinstance(value, tuple) else (value,)
                 tensors += [t for t in values if isinstance(t, torch.Tensor)]
     return tensors

@@ -13,8 +13,8 @@ all of them alike. Medians are reported; with --budget (45 s per section under -
 a loaded machine. Memory is described in :func:`_common.memory_report`.
 
 Inference (our adapter, paper init, perturbed so it is non-trivial): forward latency unfused (the hook's two
-skinny matmuls with cached factors) against fused (``merge_delora``), and the latency of a lambda change
-(``set_delora_scale``): unfused it invalidates the cached factors, which the next forward refolds in one
+skinny matmuls with cached per-rank scales) against fused (``merge_delora``), and the latency of a lambda change
+(``set_delora_scale``): unfused it invalidates the cached scales, which the next forward recomputes in one
 batched refresh; fused it unmerges and re-merges every layer's dense update.
 
 The last stdout line is ``ratio: X.XX``, our default-init step time over PEFT LoRA's (medians).

@@ -1,26 +1,32 @@
-"""Where the forward gets its folded factors: the per-layer cache, the batched refresh, the forward hook.
+"""Where the forward gets its per-rank scales: the per-layer cache, the batched refresh, the forward hook.
 
-All cache logic lives here. Each :class:`~delora_diffusion.layers.DeLoRALayer` may hold one cached pair
-(A', B') plus the *stamp* it was computed under. A pair goes stale when any input of the fold changes:
+The update of a layer is ``x (A diag(w))^T (B diag(s))^T`` (the paper init stacks A0, B0 after A, B), with
+per-rank scales ``s = lam * scale / (r |a_i| |b_i|)`` (:func:`delora_diffusion.functional.rank_scales`).
+Only s depends on lambda and the norms, so s (r or 2r numbers per layer) is all that is folded ahead and kept:
+the layer builds ``A diag(w)`` and ``B diag(s)`` transiently in its own forward and again in its backward
+(:class:`~delora_diffusion.layers._DeLoRALinear`), so no adapter-sized copy lives across a training step.
+
+All cache logic lives here. Each :class:`~delora_diffusion.layers.DeLoRALayer` may hold its cached scales
+plus the *stamp* they were computed under. They go stale when any of their inputs changes:
 
 - an optimizer step or any in-place write to A, B or lambda (their ``_version`` counters move), or a new
   tensor put in their place (``data_ptr`` moves);
 - a write to the frozen w / A0 / B0 (e.g. ``load_state_dict``; the sum of their versions moves);
-- a change of the run-time scale (``set_delora_scale``, adapter weights) or of the compute dtype (autocast).
+- a change of the run-time scale (``set_delora_scale``, adapter weights).
 
-While gradients flow, cached pairs are never reused across forwards: the previous backward freed their graph.
-So before each forward of a model with adapters, a pre-hook on the model (:func:`refresh_pre_hook`) gathers
-every stale adapter, groups them by (shape, rank, init, dtype, device), and folds each group with one stacked
-call of :func:`delora_diffusion.functional.fold_factors` (:class:`_FoldGroup`). The layers then use those
-pairs for the whole step, so checkpointed recomputes see the very same tensors.
+While gradients flow, cached scales are never reused across forwards: the previous backward freed their
+graph. So before each forward of a model with adapters, a pre-hook on the model (:func:`refresh_pre_hook`)
+gathers every stale adapter, groups them by (shape, rank, init, dtype, device), and computes each group's
+scales in one node (:class:`_FoldGroup`: a few stacked ops, not a few per layer). The layers then use those
+scales for the whole step, so checkpointed recomputes see the very same tensors.
 
 Under ``torch.compile`` the pre-hook still runs eagerly (dynamo runs a compiled module's hooks as frames of
 their own; this one is excluded), so the refresh, its cache and its batching are the same as eagerly. It hands
-every layer its fresh pair as ``_compiled_factors``, which the traced hook reads as plain tensor inputs: the
+every layer its fresh scales as ``_compiled_scales``, which the traced hook reads as plain tensor inputs: the
 graph has no Python-side checks to break on, and a new scale only brings new tensors, never a recompile. A
-layer without a handed pair (the refresh was switched off, or its parameters are sharded) folds its own in
-the graph, reading the scale from its ``scale_tensor``. The pair is handed over on each forward of the
-model the adapters were injected into; a compiled submodule called on its own reuses the last one.
+layer without handed scales (the refresh was switched off, or its parameters are sharded) computes its own
+in the graph, reading the scale from its ``scale_tensor``. They are handed over on each forward of the
+model the adapters were injected into; a compiled submodule called on its own reuses the last ones.
 
 :func:`fastpath_options` switches the batched refresh and the hidden recompute off (benchmarks, debugging).
 """
@@ -43,7 +49,7 @@ from .layers import DeLoRAContainer, DeLoRALayer, apply_update
 @dataclass
 class FastPathOptions:
     batched: bool = True
-    """Fold all layers' factors in a few batched ops before the forward (False: each layer folds its own)."""
+    """Compute all layers' scales in a few batched ops before the forward (False: each layer its own)."""
     recompute_hidden: bool = True
     """Linear layers recompute the T x r hidden in backward instead of keeping it."""
 
@@ -76,7 +82,7 @@ def structure_changed() -> None:
 
 # --- the per-layer cache ----------------------------------------------------------------------------------------
 def _stamp(layer: DeLoRALayer) -> tuple:
-    """Everything the folded factors depend on (see the module docstring for when they go stale).
+    """Everything the cached scales depend on (see the module docstring for when they go stale).
 
     Reads go through ``_parameters`` / ``_buffers`` directly: this runs for every layer on every forward.
     """
@@ -154,7 +160,7 @@ def _compiled_update(
     for layer in container._modules.values():
         if not layer.active or layer.merged:
             continue
-        scales = getattr(layer, "_compiled_factors", None)
+        scales = getattr(layer, "_compiled_scales", None)
         if scales is None:
             scales = traced_scales([layer])[0]
         update = apply_update(base, layer, x, scales, _options.recompute_hidden)
@@ -269,7 +275,7 @@ def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group
 
 
 def _is_materialized(layer: DeLoRALayer) -> bool:
-    """Sharded parameters are skipped here; those layers fold their own factors in their forward, unsharded.
+    """Sharded parameters are skipped here; those layers compute their own scales in their forward, unsharded.
 
     FSDP2 shards into DTensors (whose shape is the full one), FSDP1 into flat 1-D views, ZeRO-3 into empty
     tensors; only a plain tensor of the full (rank, in) shape can be stacked.
@@ -371,13 +377,13 @@ def project_lambdas(layers: list[DeLoRALayer]) -> None:
 
 
 def _grad_left(layer: DeLoRALayer, training: bool) -> bool:
-    """A pair folded while training, met without grad: refold it, so it lets its graph go and a compiled
-    graph always sees the same kind of input (a pair that requires grad or not) in the same mode."""
+    """Scales computed while training, met without grad: recompute them, so they let their graph go and a
+    compiled graph always sees the same kind of input (scales that require grad or not) in the same mode."""
     return not training and layer.__dict__["_cache"].requires_grad
 
 
 def refresh_factors(root: nn.Module) -> None:
-    """Fold the factors of every stale adapter under `root`, batched per group."""
+    """Compute the scales of every stale adapter under `root`, batched per group."""
     plan = _plan_for(root)
     training = torch.is_grad_enabled()
     if training:
@@ -386,8 +392,8 @@ def refresh_factors(root: nn.Module) -> None:
     handed: list[DeLoRALayer] = []
     for entry in plan.entries:
         layer = entry.layer
-        layer.__dict__["_compiled_factors"] = None
-        # A zero scale is folded too (the eager hook skips it): a compiled graph then never sees a missing pair.
+        layer.__dict__["_compiled_scales"] = None
+        # A zero scale is folded too (the eager hook skips it): a compiled graph then never misses its scales.
         if entry.container.disabled or not layer.active or layer.merged or not _is_materialized(layer):
             continue
         handed.append(layer)
@@ -406,7 +412,7 @@ def refresh_factors(root: nn.Module) -> None:
         for layer, scales_row in zip(members, scales_all.unbind(0), strict=True):
             _set_cache(layer, scales_row, _stamp(layer))
     for layer in handed:  # fresh now: what a compiled forward uses (see refresh_pre_hook)
-        layer.__dict__["_compiled_factors"] = layer.__dict__["_cache"]
+        layer.__dict__["_compiled_scales"] = layer.__dict__["_cache"]
 
 
 def traced_scales(members: list[DeLoRALayer]) -> torch.Tensor:
@@ -443,7 +449,7 @@ def refresh_pre_hook(root: nn.Module, args: tuple) -> None:
     ``torch.compile(model)`` (and ``model.compile()``, accelerate's ``--dynamo_backend``) runs a module's
     hooks as frames of their own, apart from the forward's graph; excluded from dynamo, this one does the
     cached, batched refresh just as eagerly (no tracing cost, no extra graph) and hands each layer its
-    fresh pair in ``_compiled_factors`` (None: the layer's compiled hook folds its own). Compiling a
+    fresh scales in ``_compiled_scales`` (None: the layer's compiled hook computes its own). Compiling a
     function that *calls* the model inlines this hook instead, which splits that function's graph here once.
     """
     if _options.batched:
@@ -451,6 +457,6 @@ def refresh_pre_hook(root: nn.Module, args: tuple) -> None:
         return
     entries = _plan_for(root).entries
     for entry in entries:
-        entry.layer.__dict__["_compiled_factors"] = None
+        entry.layer.__dict__["_compiled_scales"] = None
     if torch.is_grad_enabled():
         project_lambdas([entry.layer for entry in entries])

@@ -8,10 +8,10 @@ With the `paper` init a frozen pair (A0, B0) is subtracted, so dW = 0 at step 0:
 
     dW = (lam / r) * (B Xi A - B0 Xi0 A0) @ diag(w)
 
-The fast path never forms dW: it folds the scaling into the factors (:func:`fold_factors`, the one fold used
-by the per-layer path, the batched fast path, merging and export),
-``A' = A diag(w)`` and ``B' = B diag(lam / (r |a| |b|))``, so ``x -> x A'^T B'^T``
-costs exactly LoRA's two skinny matmuls.
+The forward never forms dW: it folds the scaling into the factors, ``A' = A diag(w)`` and
+``B' = B diag(s)``, ``s = lam / (r |a| |b|)``, so ``x -> x A'^T B'^T`` costs exactly LoRA's two skinny
+matmuls. Training keeps only s (:func:`rank_scales`) across a step and makes (A', B') per layer when needed
+(:func:`scaled_factors`); merging and export use :func:`fold_factors`, the same math in one call.
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ own LoRA) and savers keep seeing a plain layer. A child ``delora`` (:class:`DeLo
 
     y = layer(x) + sum over active adapters of  x @ A'^T @ B'^T
 
-``A'`` and ``B'`` are the folded factors (:func:`delora_diffusion.functional.fold_factors`). Where they are
-cached, and when a cache goes stale, is :mod:`delora_diffusion.fastpath`'s business alone.
+``A' = A diag(w)`` and ``B' = B diag(s)`` (:func:`delora_diffusion.functional.scaled_factors`) are made per
+forward from the per-rank scales s; how s is computed, cached, and when a cache goes stale, is
+:mod:`delora_diffusion.fastpath`'s business alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -79,7 +79,7 @@ class DeLoRALayer(nn.Module):
         """Copies and pickles leave fastpath's factor cache behind (it may hold a training graph)."""
         state = self.__dict__.copy()
         state.pop("_cache", None)
-        state.pop("_compiled_factors", None)
+        state.pop("_compiled_scales", None)
         state.pop("_cache_stamp", None)
         return state
 
@@ -220,14 +220,6 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
-def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The update casts to the compute dtype itself; autocast would recast (and, in backward, is not on)."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class _DeLoRALinear(torch.autograd.Function):
     """``x A'^T B'^T`` with ``(A', B')`` from :func:`functional.scaled_factors`, made here and made again in
     backward, so an adapted layer keeps for backward what LoRA keeps (x and the parameters) plus the small
@@ -236,38 +228,52 @@ class _DeLoRALinear(torch.autograd.Function):
 
     The gradients of A and B here are the direct ones (through ``A diag(w)`` and ``B diag(s)``); their share
     through the norms in s reaches them from the batched fold (``fastpath._FoldGroup``) via s's gradient.
+    Inputs are cast to `dtype` explicitly, so autocast (a no-op on them then) needs no special case. Written
+    with few Python-level calls: it runs per layer per step, where small layers are overhead-bound.
     """
 
     @staticmethod
     def forward(ctx, x, s, A, B, w, A0, B0, dtype: torch.dtype, keep_hidden: bool):  # type: ignore[override]
-        with _autocast_off(x):
-            A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
-            hidden = F.linear(x.to(dtype), A_f)
-            y = F.linear(hidden, B_f)
+        if A0 is not None:
+            A_f, B_f = torch.cat((A, A0)).mul_(w), torch.cat((B, B0), 1).mul_(s)
+        else:
+            A_f, B_f = A * w, B * s
+        if A_f.dtype != dtype:
+            A_f, B_f = A_f.to(dtype), B_f.to(dtype)
+        hidden = F.linear(x if x.dtype == dtype else x.to(dtype), A_f)
         ctx.dtype = dtype
         ctx.save_for_backward(x, s, A, B, w, A0, B0, hidden if keep_hidden else None)
-        return y
+        return F.linear(hidden, B_f)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, s, A, B, w, A0, B0, hidden = ctx.saved_tensors
-        dtype, r = ctx.dtype, A.shape[0]
-        with _autocast_off(grad):
-            A_cat, B_cat = (A, B) if A0 is None else (torch.cat([A, A0]), torch.cat([B, B0], dim=-1))
-            A_f, B_f = (A_cat * w).to(dtype), (B_cat * s).to(dtype)
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            grad2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
-            grad_hidden = grad2 @ B_f  # (T, R)
-            grad_x = grad_s = grad_A = grad_B = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad_hidden @ A_f).reshape(x.shape).to(x.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_A = (grad_hidden[:, :r].t() @ x2).to(A.dtype) * w
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-                hidden = x2 @ A_f.t() if hidden is None else hidden.reshape(-1, hidden.shape[-1])
-                grad_B_f = (grad2.t() @ hidden).to(B.dtype)  # (out, R)
-                grad_B = grad_B_f[:, :r] * s[:r]
-                grad_s = (grad_B_f * B_cat).sum(dim=0)
+        dtype, needs, r = ctx.dtype, ctx.needs_input_grad, A.shape[0]
+        paper = A0 is not None
+        A_cat, B_cat = (torch.cat((A, A0)), torch.cat((B, B0), 1)) if paper else (A, B)
+        A_f, B_f = A_cat * w, B_cat * s
+        cast = A_f.dtype != dtype
+        if cast:
+            A_f, B_f = A_f.to(dtype), B_f.to(dtype)
+        x2, grad2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        if grad2.dtype != dtype:
+            grad2 = grad2.to(dtype)
+        grad_hidden = grad2.mm(B_f)  # (T, R)
+        grad_x = grad_s = grad_A = grad_B = None
+        if needs[0]:
+            grad_x = grad_hidden.mm(A_f).reshape(x.shape)
+            grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
+        if needs[2]:
+            grad_A = (grad_hidden[:, :r] if paper else grad_hidden).t().mm(x2)
+            grad_A = (grad_A.to(A.dtype) if cast else grad_A).mul_(w)
+        if needs[1] or needs[3]:
+            hidden = x2.mm(A_f.t()) if hidden is None else hidden.reshape(-1, hidden.shape[-1])
+            grad_B_f = grad2.t().mm(hidden)  # (out, R)
+            grad_B_f = grad_B_f.to(B.dtype) if cast else grad_B_f
+            grad_s = (grad_B_f * B_cat).sum(0)
+            grad_B = grad_B_f[:, :r] * s[:r] if paper else grad_B_f.mul_(s)
         return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None
 
 
