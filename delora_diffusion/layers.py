@@ -233,7 +233,18 @@ class _DeLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, s, A, B, w, A0, B0, dtype: torch.dtype, keep_hidden: bool):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        w: torch.Tensor,
+        A0: torch.Tensor | None,
+        B0: torch.Tensor | None,
+        dtype: torch.dtype,
+        keep_hidden: bool,
+    ) -> torch.Tensor:
         if A0 is not None:
             A_f, B_f = torch.cat((A, A0)).mul_(w), torch.cat((B, B0), 1).mul_(s)
         else:

@@ -191,3 +191,28 @@ def test_loading_frozen_tensors_in_place_refreshes_the_stacked_copies(init):
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x))
     torch.testing.assert_close(target(x), source(x))  # the training path (batched fold) as well
+
+
+@pytest.mark.parametrize("init", ["paper", "zero"])
+def test_training_under_autocast_matches_fp32_and_keeps_no_folded_copy(init):
+    """bf16 autocast: the update casts its transient factors itself; gradients follow fp32's within bf16's
+    precision, and nothing adapter-sized is saved for backward there either."""
+    n_in, r = 128, 16
+    x = torch.randn(8, n_in, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    grads = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(n_in, n_in))
+        dd.inject_delora(model, dd.DeLoRAConfig(rank=r, lambda_init=2.0, init=init, target_modules=["0"]))
+        with torch.no_grad():
+            ((*_, a),) = list(dd.iter_delora_layers(model))
+            a.delora_B.add_(torch.randn(a.delora_B.shape, generator=torch.Generator().manual_seed(5)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, _ = _saved_bytes(model, x)
+            torch.manual_seed(0)
+            frozen_total, _ = _saved_bytes(nn.Sequential(nn.Linear(n_in, n_in)).requires_grad_(False), x)
+        assert total - frozen_total < n_in * r  # small vectors only: a bf16 copy of A alone is 2 n_in r
+        grads.append([p.grad for p in (a.delora_A, a.delora_B, a.delora_lambda)])
+    for fp32, bf16 in zip(*grads, strict=True):
+        assert bf16.dtype == torch.float32
+        torch.testing.assert_close(bf16, fp32, atol=0.05 * fp32.abs().max().item(), rtol=0.05)
