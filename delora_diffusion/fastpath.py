@@ -34,7 +34,6 @@ model the adapters were injected into; a compiled submodule called on its own re
 from __future__ import annotations
 
 import contextlib
-import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,6 +111,14 @@ def _cache_is_fresh(layer: DeLoRALayer) -> bool:
     return layer.__dict__.get("_cache") is not None and layer.__dict__["_cache_stamp"] == _stamp(layer)
 
 
+def _unfit_for_grad(layer: DeLoRALayer) -> bool:
+    """Cached scales that a forward recording autograd must not reuse, though their stamp still matches:
+    scales made in ``torch.inference_mode`` (autograd refuses to save them), or made without grad for a
+    layer whose parameters require it (lambda and the norms would get no gradient)."""
+    cache = layer.__dict__["_cache"]
+    return cache.is_inference() or (layer._parameters["delora_A"].requires_grad and not cache.requires_grad)
+
+
 def clear_cache(layer: DeLoRALayer) -> None:
     layer.__dict__["_cache"] = layer.__dict__["_cache_stamp"] = None
 
@@ -123,7 +130,7 @@ def layer_scales(layer: DeLoRALayer) -> torch.Tensor:
     When training, scales computed here are not cached: the next forward may follow a backward that freed
     their graph. The batched refresh owns caching while gradients flow.
     """
-    if _cache_is_fresh(layer):
+    if _cache_is_fresh(layer) and not (torch.is_grad_enabled() and _unfit_for_grad(layer)):
         return layer.__dict__["_cache"]
     if torch.is_grad_enabled():
         project_lambdas([layer])
@@ -145,7 +152,9 @@ def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> t
     for layer in container._modules.values():
         if not layer.contributes():
             continue
-        if layer.training and layer.module_dropout > 0 and random.random() < layer.module_dropout:
+        # Drawn from torch's CPU generator, not Python's: gradient checkpointing restores that generator
+        # before it recomputes a block, so the recompute drops the same adapters as the forward did.
+        if layer.training and layer.module_dropout > 0 and torch.rand(()).item() < layer.module_dropout:
             continue
         update = apply_update(base, layer, x, layer_scales(layer), _options.recompute_hidden)
         output = output + update.to(output.dtype)
@@ -257,7 +266,9 @@ def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group
     versions = _frozen_versions(members)
     if group is None or group.members != members or group.frozen_versions != versions:
         first = members[0]
-        with torch.no_grad():
+        # Never inference tensors (a first forward under torch.inference_mode): a later training forward saves
+        # these for backward.
+        with torch.inference_mode(False), torch.no_grad():
             frozen_unit = None
             if first.init == "paper":
                 A0 = torch.stack([a.delora_A0 for a in members])
@@ -366,14 +377,32 @@ def fold_group(
 
 def project_lambdas(layers: list[DeLoRALayer]) -> None:
     """Put every trainable lambda back inside its relative bound, in two batched ops (see
-    :meth:`DeLoRALayer.project_lambda`): the optimizer may have stepped out since the last forward."""
-    bounded = [a for a in layers if a.relative_bound is not None and a.delora_lambda.requires_grad]
+    :meth:`DeLoRALayer.project_lambda`): the optimizer may have stepped out since the last forward.
+
+    A lambda not written since its last projection (same version, storage and limit) is left alone: clamping
+    it again would move its version under the graph of a forward whose backward has not run yet (two forwards,
+    one backward), which autograd then refuses."""
+    bounded = [
+        a
+        for a in layers
+        if a.relative_bound is not None
+        and a.delora_lambda.requires_grad
+        and a.__dict__.get("_projected") != _projection_key(a)
+    ]
     if bounded:
         lams = [a._parameters["delora_lambda"] for a in bounded]
         limits = [a.lambda_max for a in bounded]
         with torch.no_grad():
             torch._foreach_clamp_max_(lams, limits)
             torch._foreach_clamp_min_(lams, [-limit for limit in limits])
+        for a in bounded:
+            a.__dict__["_projected"] = _projection_key(a)
+
+
+def _projection_key(layer: DeLoRALayer) -> tuple:
+    lam = layer._parameters["delora_lambda"]
+    storage = id(lam) if _is_dtensor(lam) else lam.data_ptr()  # a sharded lambda has no data_ptr
+    return (lam._version, storage, layer.lambda_max)
 
 
 def _grad_left(layer: DeLoRALayer, training: bool) -> bool:
@@ -398,7 +427,12 @@ def refresh_factors(root: nn.Module) -> None:
             continue
         handed.append(layer)
         A = layer._parameters["delora_A"]
-        if training and A.requires_grad or not _cache_is_fresh(layer) or _grad_left(layer, training):
+        if (
+            (training and A.requires_grad)
+            or not _cache_is_fresh(layer)
+            or _grad_left(layer, training)
+            or (training and _unfit_for_grad(layer))
+        ):
             stale.setdefault(entry.key + (A.dtype, A.device), []).append(layer)
     for key, members in stale.items():
         group = _group(plan, key, members)

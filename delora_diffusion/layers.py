@@ -81,6 +81,7 @@ class DeLoRALayer(nn.Module):
         state.pop("_cache", None)
         state.pop("_compiled_scales", None)
         state.pop("_cache_stamp", None)
+        state.pop("_projected", None)
         return state
 
     # --- run-time scale -----------------------------------------------------------------------------------
