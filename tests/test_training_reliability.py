@@ -159,17 +159,21 @@ def _umask() -> int:
 
 
 def test_guard_stops_on_absurd_lambda_before_saving_it(sd_model, instance_dir, tmp_path, capsys):
-    """Step 1 (warm-up, lr 0) is good and checkpointed; step 2 takes lambda to ~1e29 with a finite loss. The
-    run stops there, names checkpoint-1 as the last good one, and never writes checkpoint-2 (13.4)."""
+    """Step 1 (warm-up, lr 0) is good and checkpointed; step 2 moves A and B off the paper init (where ΔW = 0,
+    so λ's gradient is exactly 0 and λ stays put) and is checkpointed too; step 3 takes λ to ~1e29 with a
+    finite loss. The run stops there, names checkpoint-2 as the last good one, and never writes checkpoint-3
+    nor the final file (13.4)."""
     out = tmp_path / "out"
     argv = flags(sd_model, instance_dir, out, "--learning_rate", "1e30", "--max_grad_norm", "1e30")
     argv += ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2"]
     argv += ["--delora_lambda", "15"]  # an absolute lambda: under the default relative bound it cannot grow
     code, err = run_main([*argv, "--max_train_steps", "30", "--checkpointing_steps", "1"], capsys)
     assert code == 1 and "adapter diverged" in err and "unet." in err, err
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert last_good(err) == "checkpoint-1"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert last_good(err) == "checkpoint-2"
     assert not (out / "delora_weights.safetensors").exists()
+    good = load_file(out / "checkpoint-2" / "delora_weights.safetensors")
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for k, v in good.items() if "lambda" in k)
 
 
 def test_non_finite_loss_skips_then_stops(sd_model, instance_dir, tmp_path, capsys, monkeypatch):
