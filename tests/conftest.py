@@ -4,6 +4,7 @@ DeLoRA adapter per family (saved with ``save_delora_weights``) with its referenc
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +111,12 @@ def sd_pipe(trained):
 def good_file(trained) -> Path:
     """A valid adapter file saved by save_delora_weights."""
     return trained("sd").adapter_dir / dd.io.WEIGHT_NAME
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and on a shared 2-core machine far more predictably."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

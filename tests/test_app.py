@@ -11,7 +11,6 @@ import threading
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from delora_diffusion.app import (
     server,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
+
 
 def _save_adapter(model_dir: Path, out_dir: Path, seed: int, lambda_init: float = 2.0) -> Path:
     """A trained-looking adapter written the way users get one: ``pipe.save_delora_weights``."""
@@ -46,15 +47,6 @@ def _save_adapter(model_dir: Path, out_dir: Path, seed: int, lambda_init: float 
     perturb_delora(pipe.unet, seed=seed, std=2.0)
     pipe.save_delora_weights(str(out_dir), training_args={"learning_rate": 1e-3, "rank": 2, "seed": seed})
     return out_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and on a shared 2-core machine far more predictably."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

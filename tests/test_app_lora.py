@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,12 @@ from tiny_pipelines import load_pipeline, make_sd_pipeline, perturb_delora
 from delora_diffusion import DeLoRAConfig, inject_delora
 from delora_diffusion.app import AppError, AppService, make_request
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
+
 PEFT_LORA = "trained/pytorch_lora_weights.safetensors"
 RUN_LORA = "run1/pytorch_lora_weights.safetensors"  # the exact LoRA export of run1, where training puts it
 KOHYA = "run1-kohya-half.safetensors"  # run1 as a kohya LoRA at λ scale 0.5
 LORA_EXACT = 2  # pixel levels: a LoRA export reproduces its DeLoRA adapter (fp32 rounding only)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _peft_lora(model: Path, out_dir: Path) -> Path:
