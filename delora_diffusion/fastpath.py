@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -445,8 +446,29 @@ def refresh_factors(root: nn.Module) -> None:
         scales_all = fold_group(group.rank, scale, group.frozen_unit, group.lambda_max, members)
         for layer, scales_row in zip(members, scales_all.unbind(0), strict=True):
             _set_cache(layer, scales_row, _stamp(layer))
+        if scales_all.grad_fn is not None:
+            _forget_when_spent(scales_all.grad_fn, members)
     for layer in handed:  # fresh now: what a compiled forward uses (see refresh_pre_hook)
         layer.__dict__["_compiled_scales"] = layer.__dict__["_cache"]
+
+
+def _forget_when_spent(node: torch.autograd.graph.Node, members: list[DeLoRALayer]) -> None:
+    """Once backward has run through the fold's node, its graph is freed: drop the members' cached scales, so
+    a forward before the next optimizer step (gradient accumulation calling a submodule on its own, which no
+    refresh precedes) folds anew instead of reusing scales whose graph is gone. Checkpointed recomputes run
+    before this node in backward, so they still reuse the very same scales; scales a later fold cached are
+    left alone."""
+    refs = [weakref.ref(layer) for layer in members]
+
+    def forget(*_: object) -> None:
+        for ref in refs:
+            layer = ref()
+            cache = None if layer is None else layer.__dict__.get("_cache")
+            if cache is not None and cache.grad_fn is not None and cache.grad_fn.next_functions[0][0] is node:
+                clear_cache(layer)
+                layer.__dict__["_compiled_scales"] = None
+
+    node.register_hook(forget)
 
 
 def traced_scales(members: list[DeLoRALayer]) -> torch.Tensor:

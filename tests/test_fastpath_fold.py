@@ -166,6 +166,9 @@ def test_training_keeps_no_folded_copy_of_the_adapter(init):
     assert ours_largest < adapter_bytes / 20
     assert ours_total <= lora_total + adapter_bytes / 50
     ((*_, adapter),) = list(dd.iter_delora_layers(ours))
+    assert adapter.__dict__["_cache"] is None  # backward spent the step's scales (their graph is gone)
+    with torch.no_grad():
+        ours(x)
     assert adapter.__dict__["_cache"].shape == (2 * r if init == "paper" else r,)
     kept = [t for g in ours.__dict__["_delora_plan"].groups.values() for t in vars(g).values()]
     assert sum(t.numel() for t in kept if isinstance(t, torch.Tensor)) <= 2 * r

@@ -139,3 +139,25 @@ def test_module_dropout_under_gradient_checkpointing_drops_the_same_adapters_in_
     torch.testing.assert_close(x.grad, ref_x.grad)
     for got, want in zip(_grads(model), _grads(plain), strict=True):  # a dropped adapter: None vs zeros
         torch.testing.assert_close(torch.zeros_like(want) if got is None else got, want)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("init", ["paper", "zero"])
+def test_gradient_accumulation_through_a_submodule_called_on_its_own(compiled, init):
+    """Accumulating gradients over the model, then over one of its submodules (no refresh runs before it):
+    the submodule used to reuse the scales the model's forward cached, whose graph that forward's backward had
+    freed ("Trying to backward through the graph a second time")."""
+    model = _net(init)
+    first = torch.compile(model.first, backend="eager") if compiled else model.first
+    run = torch.compile(model, backend="eager") if compiled else model
+    run(X).square().sum().backward()
+    first(X).square().sum().backward()
+    ref = _net(init)
+    _reference(ref, X).square().sum().backward()
+    a = ref.first.delora["default"]
+    dW = functional.delta_weight(
+        a.delora_A, a.delora_B, a.bounded_lambda(), a.delora_w_norm, a.rank, 1.0, *a.frozen_pair
+    )
+    torch.nn.functional.linear(X, ref.first.weight + dW, ref.first.bias).square().sum().backward()
+    for got, want in zip(_grads(model), _grads(ref), strict=True):
+        torch.testing.assert_close(got, want)
