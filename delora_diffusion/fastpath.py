@@ -52,23 +52,29 @@ class FastPathOptions:
     """Compute all layers' scales in a few batched ops before the forward (False: each layer its own)."""
     recompute_hidden: bool = True
     """Linear layers recompute the T x r hidden in backward instead of keeping it."""
+    stack_fold: bool | None = None
+    """The batched fold stacks each group's A and B for their norms (None: on accelerators, not on a CPU)."""
 
 
 _options = FastPathOptions()
 
 
 @contextlib.contextmanager
-def fastpath_options(batched: bool | None = None, recompute_hidden: bool | None = None) -> Iterator[None]:
+def fastpath_options(
+    batched: bool | None = None, recompute_hidden: bool | None = None, stack_fold: bool | None = None
+) -> Iterator[None]:
     """``with fastpath_options(batched=False): ...`` runs the block with the switches changed, then restores them."""
-    previous = (_options.batched, _options.recompute_hidden)
+    previous = (_options.batched, _options.recompute_hidden, _options.stack_fold)
     if batched is not None:
         _options.batched = batched
     if recompute_hidden is not None:
         _options.recompute_hidden = recompute_hidden
+    if stack_fold is not None:
+        _options.stack_fold = stack_fold
     try:
         yield
     finally:
-        _options.batched, _options.recompute_hidden = previous
+        _options.batched, _options.recompute_hidden, _options.stack_fold = previous
 
 
 _structure_version = 0
@@ -322,12 +328,17 @@ class _FoldGroup(torch.autograd.Function):
         lambda_max: torch.Tensor | None,
         *params: torch.Tensor,
     ) -> torch.Tensor:
-        A, B, lam = (torch.stack(params[i * n : (i + 1) * n]) for i in range(3))
+        As, Bs, lam = params[:n], params[n : 2 * n], torch.stack(params[2 * n :])
+        ctx.stacked = _stack_fold(lam.device)
+        if ctx.stacked:  # one norm kernel per group, on a copy
+            a_raw, b_raw = torch.stack(As).norm(dim=-1), torch.stack(Bs).norm(dim=-2)  # (L, r)
+        else:  # one per member, no copy
+            a_raw = torch.stack([a.norm(dim=-1) for a in As])
+            b_raw = torch.stack([b.norm(dim=-2) for b in Bs])
         inside = None
         if lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
             inside = lam.abs() <= lambda_max
             lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
-        a_raw, b_raw = A.norm(dim=-1), B.norm(dim=-2)  # (L, r)
         scale_t = torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)
         ctx.rank, ctx.n = rank, n
         ctx.save_for_backward(a_raw, b_raw, lam, scale_t, inside, frozen_unit, *params)
@@ -358,10 +369,23 @@ class _FoldGroup(torch.autograd.Function):
         g_norm = g * rank_scales
         g_a = torch.where(a_raw >= functional.NORM_EPS, -g_norm / (a_norm * a_raw.clamp_min(1e-30)), 0.0)
         g_b = torch.where(b_raw >= functional.NORM_EPS, -g_norm / (b_norm * b_raw.clamp_min(1e-30)), 0.0)
-        grad_A = g_a.unsqueeze(-1) * torch.stack(params[:n])
-        grad_B = g_b.unsqueeze(-2) * torch.stack(params[n : 2 * n])
-        grads = (*grad_A.unbind(0), *grad_B.unbind(0), *grad_lam.unbind(0))
+        As, Bs = params[:n], params[n : 2 * n]
+        if ctx.stacked:
+            grad_A = (g_a.unsqueeze(-1) * torch.stack(As)).unbind(0)
+            grad_B = (g_b.unsqueeze(-2) * torch.stack(Bs)).unbind(0)
+        else:
+            grad_A = [g.unsqueeze(-1) * a for g, a in zip(g_a.unbind(0), As, strict=True)]
+            grad_B = [g.unsqueeze(-2) * b for g, b in zip(g_b.unbind(0), Bs, strict=True)]
+        grads = (*grad_A, *grad_B, *grad_lam.unbind(0))
         return (None,) * 5 + grads
+
+
+def _stack_fold(device: torch.device) -> bool:
+    """Stack a group's A and B for their norms (one kernel per group: launch-bound accelerators) or take
+    each member's norms in place (no copy of the adapter: a CPU, where the copy costs more than the calls)."""
+    if _options.stack_fold is not None:
+        return _options.stack_fold
+    return device.type != "cpu"
 
 
 def fold_group(

@@ -222,15 +222,18 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
 
 
 class _DeLoRALinear(torch.autograd.Function):
-    """``x A'^T B'^T`` with ``(A', B')`` from :func:`functional.scaled_factors`, made here and made again in
-    backward, so an adapted layer keeps for backward what LoRA keeps (x and the parameters) plus the small
-    vectors w and s: no folded copy of the adapter lives across the step. Without `keep_hidden` the T x r
-    hidden ``x A'^T`` is recomputed in backward too (one skinny matmul), which LoRA keeps.
+    """``x A'^T B'^T`` with ``A' = A diag(w)``, ``B' = B diag(s)`` (:func:`functional.scaled_factors`), without
+    forming (A', B'): s scales the T x r hidden, and w scales whichever is smaller, A (r x in) or x (T x in,
+    few tokens). The paper init's frozen pair runs as its own two skinny matmuls (no [A; A0] stack copied).
+    Backward makes the same products again, so an adapted layer keeps for backward what LoRA keeps (x and
+    the parameters) plus the small vectors w and s: no folded copy of the adapter lives across the step.
+    Without `keep_hidden` the T x r hidden ``x A'^T`` is recomputed in backward too (one skinny matmul),
+    which LoRA keeps.
 
-    The gradients of A and B here are the direct ones (through ``A diag(w)`` and ``B diag(s)``); their share
-    through the norms in s reaches them from the batched fold (``fastpath._FoldGroup``) via s's gradient.
-    Inputs are cast to `dtype` explicitly, so autocast (a no-op on them then) needs no special case. Written
-    with few Python-level calls: it runs per layer per step, where small layers are overhead-bound.
+    The gradients of A and B here are the direct ones; their share through the norms in s reaches them from
+    the batched fold (``fastpath._FoldGroup``) via s's gradient. Inputs are cast to `dtype` explicitly, so
+    autocast (a no-op on them then) needs no special case. Written with few Python-level calls: it runs per
+    layer per step, where small layers are overhead-bound.
     """
 
     @staticmethod
@@ -246,46 +249,64 @@ class _DeLoRALinear(torch.autograd.Function):
         dtype: torch.dtype,
         keep_hidden: bool,
     ) -> torch.Tensor:
-        if A0 is not None:
-            A_f, B_f = torch.cat((A, A0)).mul_(w), torch.cat((B, B0), 1).mul_(s)
-        else:
-            A_f, B_f = A * w, B * s
-        if A_f.dtype != dtype:
-            A_f, B_f = A_f.to(dtype), B_f.to(dtype)
-        hidden = F.linear(x if x.dtype == dtype else x.to(dtype), A_f)
         ctx.dtype = dtype
-        ctx.save_for_backward(x, s, A, B, w, A0, B0, hidden if keep_hidden else None)
-        return F.linear(hidden, B_f)
+        x_in, downs, ups, s_parts = _DeLoRALinear._operands(x, s, A, B, w, A0, B0, dtype)
+        hiddens = [F.linear(x_in, down) for down in downs]
+        ctx.save_for_backward(x, s, A, B, w, A0, B0, *(hiddens if keep_hidden else ()))
+        out = F.linear(hiddens[0] * s_parts[0], ups[0])
+        if len(hiddens) > 1:
+            out = out.add_(F.linear(hiddens[1] * s_parts[1], ups[1]))
+        return out
+
+    @staticmethod
+    def _operands(x, s, A, B, w, A0, B0, dtype):
+        """(x or x diag(w), downs, ups, s split per pair), all in `dtype`: w goes on the smaller side."""
+        pairs = 1 if A0 is None else 2
+        x_in = x if x.dtype == dtype else x.to(dtype)
+        downs = (A,) if A0 is None else (A, A0)
+        if A.dtype == dtype and x.numel() < pairs * A.numel():  # fewer tokens than ranks: scale x
+            x_in = x_in * w
+        else:
+            downs = tuple((d * w).to(dtype) for d in downs)
+        ups = (B,) if B0 is None else (B, B0)
+        if B.dtype != dtype:
+            ups = tuple(u.to(dtype) for u in ups)
+        s_parts = (s if s.dtype == dtype else s.to(dtype)).split(A.shape[0])
+        return x_in, downs, ups, s_parts
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, s, A, B, w, A0, B0, hidden = ctx.saved_tensors
-        dtype, needs, r = ctx.dtype, ctx.needs_input_grad, A.shape[0]
-        paper = A0 is not None
-        A_cat, B_cat = (torch.cat((A, A0)), torch.cat((B, B0), 1)) if paper else (A, B)
-        A_f, B_f = A_cat * w, B_cat * s
-        cast = A_f.dtype != dtype
-        if cast:
-            A_f, B_f = A_f.to(dtype), B_f.to(dtype)
-        x2, grad2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
-        if grad2.dtype != dtype:
-            grad2 = grad2.to(dtype)
-        grad_hidden = grad2.mm(B_f)  # (T, R)
+        x, s, A, B, w, A0, B0, *kept = ctx.saved_tensors
+        dtype, needs = ctx.dtype, ctx.needs_input_grad
+        x_in, downs, ups, s_parts = _DeLoRALinear._operands(x, s, A, B, w, A0, B0, dtype)
+        w_on_x = downs[0] is A
+        x2 = x_in.reshape(-1, x.shape[-1])
+        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = g2 if g2.dtype == dtype else g2.to(dtype)
+        grad_scaled = [g2.mm(up) for up in ups]  # (T, r) each: d/d(hidden * s)
+        grad_hidden = [g * sp for g, sp in zip(grad_scaled, s_parts, strict=True)]
         grad_x = grad_s = grad_A = grad_B = None
         if needs[0]:
-            grad_x = grad_hidden.mm(A_f).reshape(x.shape)
+            grad_x = grad_hidden[0].mm(downs[0])
+            if len(downs) > 1:
+                grad_x = grad_x.addmm_(grad_hidden[1], downs[1])
+            grad_x = (grad_x * w if w_on_x else grad_x).reshape(x.shape)
             grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         if needs[2]:
-            grad_A = (grad_hidden[:, :r] if paper else grad_hidden).t().mm(x2)
-            grad_A = (grad_A.to(A.dtype) if cast else grad_A).mul_(w)
+            grad_A = grad_hidden[0].t().mm(x2)
+            grad_A = grad_A if grad_A.dtype == A.dtype else grad_A.to(A.dtype)
+            grad_A = grad_A if w_on_x else grad_A.mul_(w)
         if needs[1] or needs[3]:
-            hidden = x2.mm(A_f.t()) if hidden is None else hidden.reshape(-1, hidden.shape[-1])
-            grad_B_f = grad2.t().mm(hidden)  # (out, R)
-            grad_B_f = grad_B_f.to(B.dtype) if cast else grad_B_f
-            grad_s = (grad_B_f * B_cat).sum(0)
-            grad_B = grad_B_f[:, :r] * s[:r] if paper else grad_B_f.mul_(s)
+            if kept:
+                hiddens = [h.reshape(-1, h.shape[-1]) for h in kept]
+            else:
+                hiddens = [x2.mm(down.t()) for down in downs]
+            if needs[1]:
+                grad_s = torch.cat([(g * h).sum(0) for g, h in zip(grad_scaled, hiddens, strict=True)])
+                grad_s = grad_s if grad_s.dtype == s.dtype else grad_s.to(s.dtype)
+            if needs[3]:
+                grad_B = g2.t().mm(hiddens[0] * s_parts[0])
+                grad_B = grad_B if grad_B.dtype == B.dtype else grad_B.to(B.dtype)
         return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None
 
 

@@ -15,9 +15,11 @@ from delora_diffusion import fastpath, functional, layers
 @pytest.mark.parametrize("per_layer_mult", [False, True])
 @pytest.mark.parametrize("zero_B", [False, True])
 @pytest.mark.parametrize("bounded", [False, True])
-def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zero_B, bounded):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zero_B, bounded, stacked):
     """Closed-form backward == autograd through functional.rank_scales (float64), incl. clamped norms and
-    lambda clamped to a relative bound (one layer inside it, one beyond it, one unbounded)."""
+    lambda clamped to a relative bound (one layer inside it, one beyond it, one unbounded); norms taken on
+    the stacked group (accelerators) or per member (CPU)."""
     gen = torch.Generator().manual_seed(0)
     L, r, n_in, n_out = 3, 4, 5, 6
 
@@ -39,11 +41,12 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
             [[lam[0].abs().item() * 2], [lam[1].abs().item() / 2], [float("inf")]]
         ).double()
         ref_lam = torch.minimum(torch.maximum(ref_lam, -lambda_max), lambda_max)
-    scales = fastpath._FoldGroup.apply(r, L, mult, frozen_unit, lambda_max, *A, *B, *lam)
+    with fastpath.fastpath_options(stack_fold=stacked):
+        scales = fastpath._FoldGroup.apply(r, L, mult, frozen_unit, lambda_max, *A, *B, *lam)
+        up = torch.randn(scales.shape, generator=gen).double()
+        ours = torch.autograd.grad((scales * up).sum(), A + B + lam)
     ref = functional.rank_scales(torch.stack(A), torch.stack(B), ref_lam, r, mult, frozen_unit)
     torch.testing.assert_close(scales, ref)
-    up = torch.randn(scales.shape, generator=gen).double()
-    ours = torch.autograd.grad((scales * up).sum(), A + B + lam)
     want = torch.autograd.grad((ref * up).sum(), A + B + lam)
     for got, exp in zip(ours, want, strict=True):
         torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-9 * max(1.0, exp.abs().max().item()))
@@ -51,8 +54,10 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
 
 @pytest.mark.parametrize("init", ["paper", "zero"])
 @pytest.mark.parametrize("keep_hidden", [False, True])
-def test_the_layer_update_matches_autograd_through_the_transient_factors(init, keep_hidden):
-    """layers._DeLoRALinear (factors made again in backward) gives autograd's values and gradients."""
+@pytest.mark.parametrize("tokens", [(2, 7), (1, 2)])
+def test_the_layer_update_matches_autograd_through_the_transient_factors(init, keep_hidden, tokens):
+    """layers._DeLoRALinear (factors made again in backward) gives autograd's values and gradients, with w
+    applied to A (more tokens than ranks) or to x (fewer)."""
     gen = torch.Generator().manual_seed(1)
     r, n_in, n_out = 3, 5, 4
     R = 2 * r if init == "paper" else r
@@ -60,12 +65,12 @@ def test_the_layer_update_matches_autograd_through_the_transient_factors(init, k
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).double().requires_grad_()
 
-    x, s, A, B = leaf(2, 7, n_in), leaf(R), leaf(r, n_in), leaf(n_out, r)
+    x, s, A, B = leaf(*tokens, n_in), leaf(R), leaf(r, n_in), leaf(n_out, r)
     w = torch.rand(n_in, generator=gen).double() + 0.5
     A0, B0 = (torch.randn(r, n_in, generator=gen).double(), torch.randn(n_out, r, generator=gen).double())
     if init == "zero":
         A0 = B0 = None
-    up = torch.randn(2, 7, n_out, generator=gen).double()
+    up = torch.randn(*tokens, n_out, generator=gen).double()
     y = layers._DeLoRALinear.apply(x, s, A, B, w, A0, B0, torch.float64, keep_hidden)
     A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
     ref = torch.nn.functional.linear(torch.nn.functional.linear(x, A_f), B_f)
