@@ -158,7 +158,7 @@ class Bench:
                 )
                 adapted = generate_for_drift(pipe, subject, **self.gen_kwargs())
                 row = {
-                    "method": method,
+                    "method": method_label(method, args),
                     "subject": subject_name,
                     "lr": lr,
                     "seed": seed,
@@ -173,10 +173,22 @@ class Bench:
                 print(json.dumps(row), flush=True)
                 if step == max(args.steps) and seed == args.seeds[0]:
                     save_grid(
-                        pipe, subject, args, args.out / "grids" / f"{subject_name}_{method}_lr{lr:g}.png"
+                        pipe,
+                        subject,
+                        args,
+                        args.out / "grids" / f"{subject_name}_{method_label(method, args)}_lr{lr:g}.png",
                     )
                 unet.train()
         return rows
+
+
+def method_label(method: str, args: argparse.Namespace) -> str:
+    """The method's name in the tables, with the settings that differ from the study's (rank 4, lambda's lr =
+    lr) appended, e.g. ``delora-paper@0.3:r8``, ``delora-paper@0.3:lamlr10``: such runs form cells of their own."""
+    label = method if args.rank == 4 else f"{method}:r{args.rank}"
+    if method.startswith("delora-") and args.lambda_lr_mult != 1.0:
+        label += f":lamlr{args.lambda_lr_mult:g}"
+    return label
 
 
 @torch.no_grad()
