@@ -253,25 +253,30 @@ class _DeLoRALinear(torch.autograd.Function):
         x_in, downs, ups, s_parts = _DeLoRALinear._operands(x, s, A, B, w, A0, B0, dtype)
         hiddens = [F.linear(x_in, down) for down in downs]
         ctx.save_for_backward(x, s, A, B, w, A0, B0, *(hiddens if keep_hidden else ()))
-        out = F.linear(hiddens[0] * s_parts[0], ups[0])
-        if len(hiddens) > 1:
-            out = out.add_(F.linear(hiddens[1] * s_parts[1], ups[1]))
+        scaled = hiddens if s_parts is None else [h * sp for h, sp in zip(hiddens, s_parts, strict=True)]
+        out = F.linear(scaled[0], ups[0])
+        if len(scaled) > 1:
+            out = out.add_(F.linear(scaled[1], ups[1]))
         return out
 
     @staticmethod
     def _operands(x, s, A, B, w, A0, B0, dtype):
-        """(x or x diag(w), downs, ups, s split per pair), all in `dtype`: w goes on the smaller side."""
-        pairs = 1 if A0 is None else 2
+        """(x or x diag(w), downs, ups, s split per pair or None), in `dtype`. w goes on the smaller side. s
+        scales the hidden when the update runs in s's own dtype; in a lower one (autocast, half weights) it is
+        folded into B first, in s's dtype: the zero init's s is huge while B is tiny, and their product is
+        what a half type can hold."""
         x_in = x if x.dtype == dtype else x.to(dtype)
         downs = (A,) if A0 is None else (A, A0)
-        if A.dtype == dtype and x.numel() < pairs * A.numel():  # fewer tokens than ranks: scale x
+        if A.dtype == dtype and x.numel() < len(downs) * A.numel():  # fewer tokens than ranks: scale x
             x_in = x_in * w
         else:
             downs = tuple((d * w).to(dtype) for d in downs)
         ups = (B,) if B0 is None else (B, B0)
+        s_parts = s.split(A.shape[0])
+        if s.dtype != dtype:
+            return x_in, downs, tuple((u * sp).to(dtype) for u, sp in zip(ups, s_parts, strict=True)), None
         if B.dtype != dtype:
             ups = tuple(u.to(dtype) for u in ups)
-        s_parts = (s if s.dtype == dtype else s.to(dtype)).split(A.shape[0])
         return x_in, downs, ups, s_parts
 
     @staticmethod
@@ -283,8 +288,11 @@ class _DeLoRALinear(torch.autograd.Function):
         x2 = x_in.reshape(-1, x.shape[-1])
         g2 = grad.reshape(-1, grad.shape[-1])
         g2 = g2 if g2.dtype == dtype else g2.to(dtype)
-        grad_scaled = [g2.mm(up) for up in ups]  # (T, r) each: d/d(hidden * s)
-        grad_hidden = [g * sp for g, sp in zip(grad_scaled, s_parts, strict=True)]
+        if s_parts is None:  # s folded into ups
+            grad_hidden = [g2.mm(up) for up in ups]
+        else:
+            grad_scaled = [g2.mm(up) for up in ups]  # (T, r) each: d/d(hidden * s)
+            grad_hidden = [g * sp for g, sp in zip(grad_scaled, s_parts, strict=True)]
         grad_x = grad_s = grad_A = grad_B = None
         if needs[0]:
             grad_x = grad_hidden[0].mm(downs[0])
@@ -301,13 +309,88 @@ class _DeLoRALinear(torch.autograd.Function):
                 hiddens = [h.reshape(-1, h.shape[-1]) for h in kept]
             else:
                 hiddens = [x2.mm(down.t()) for down in downs]
-            if needs[1]:
-                grad_s = torch.cat([(g * h).sum(0) for g, h in zip(grad_scaled, hiddens, strict=True)])
-                grad_s = grad_s if grad_s.dtype == s.dtype else grad_s.to(s.dtype)
-            if needs[3]:
-                grad_B = g2.t().mm(hiddens[0] * s_parts[0])
-                grad_B = grad_B if grad_B.dtype == B.dtype else grad_B.to(B.dtype)
+            if s_parts is None:  # through B' = B diag(s), in the parameters' dtype
+                ups_raw = (B,) if B0 is None else (B, B0)
+                grad_up = [g2.t().mm(h).to(B.dtype) for h in hiddens]  # (out, r) each
+                if needs[1]:
+                    grad_s = torch.cat([(g * u).sum(0) for g, u in zip(grad_up, ups_raw, strict=True)])
+                if needs[3]:
+                    grad_B = grad_up[0].mul_(s[: A.shape[0]])
+            else:
+                if needs[1]:
+                    grad_s = torch.cat([(g * h).sum(0) for g, h in zip(grad_scaled, hiddens, strict=True)])
+                    grad_s = grad_s if grad_s.dtype == s.dtype else grad_s.to(s.dtype)
+                if needs[3]:
+                    grad_B = g2.t().mm(hiddens[0] * s_parts[0])
+                    grad_B = grad_B if grad_B.dtype == B.dtype else grad_B.to(B.dtype)
         return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None
+
+
+class _DeLoRAConv2d(torch.autograd.Function):
+    """The Conv2d form of :class:`_DeLoRALinear`: a kh x kw conv into the ranks with ``[A; A0] diag(w)``, then
+    a 1x1 conv out with ``[B, B0] diag(s)`` (s folded into B in the parameters' dtype, as for half compute
+    there). The pair is made in forward and again in backward, never saved: backward keeps x, the parameters
+    and the small vectors (and the hidden only with `keep_hidden`), as LoRA keeps x and its parameters. Zero
+    padding, one group (``apply_update`` checks)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        w: torch.Tensor,
+        A0: torch.Tensor | None,
+        B0: torch.Tensor | None,
+        dtype: torch.dtype,
+        keep_hidden: bool,
+        base: nn.Conv2d,
+    ) -> torch.Tensor:
+        ctx.dtype, ctx.geometry, ctx.kernel = dtype, _conv_geometry(base), base.weight.shape[1:]
+        x_in = x if x.dtype == dtype else x.to(dtype)
+        down, up = _DeLoRAConv2d._kernels(ctx, s, A, B, w, A0, B0)
+        hidden = F.conv2d(x_in, down, None, *ctx.geometry)
+        ctx.save_for_backward(x, s, A, B, w, A0, B0, hidden if keep_hidden else None)
+        return F.conv2d(hidden, up)
+
+    @staticmethod
+    def _kernels(ctx, s, A, B, w, A0, B0):
+        """(A', B') of :func:`functional.scaled_factors` as a kh x kw and a 1x1 kernel, in the compute dtype."""
+        A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
+        down = A_f.to(ctx.dtype).reshape(A_f.shape[0], *ctx.kernel)
+        return down, B_f.to(ctx.dtype)[:, :, None, None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, s, A, B, w, A0, B0, hidden = ctx.saved_tensors
+        dtype, needs, r = ctx.dtype, ctx.needs_input_grad, A.shape[0]
+        x_in = x if x.dtype == dtype else x.to(dtype)
+        g = grad if grad.dtype == dtype else grad.to(dtype)
+        down, up = _DeLoRAConv2d._kernels(ctx, s, A, B, w, A0, B0)
+        grad_hidden = F.conv2d(g, up.transpose(0, 1))  # (N, R, H, W)
+        grad_x = grad_s = grad_A = grad_B = None
+        if needs[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, down, grad_hidden, *ctx.geometry).to(x.dtype)
+        if needs[2]:
+            grad_down = torch.nn.grad.conv2d_weight(x_in, down[:r].shape, grad_hidden[:, :r], *ctx.geometry)
+            grad_A = grad_down.reshape(r, -1).to(A.dtype).mul_(w)
+        if needs[1] or needs[3]:
+            if hidden is None:
+                hidden = F.conv2d(x_in, down, None, *ctx.geometry)
+            grad_up = torch.einsum("nohw,nrhw->or", g, hidden).to(B.dtype)  # d/d(B diag(s)), (out, R)
+            ups = B if B0 is None else torch.cat((B, B0), 1)
+            grad_s = (grad_up * ups).sum(0) if needs[1] else None
+            grad_B = grad_up[:, :r] * s[:r] if needs[3] else None
+        return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None, None
+
+
+def _conv_geometry(base: nn.Conv2d) -> tuple:
+    return base.stride, base.padding, base.dilation
+
+
+def _plain_conv(base: nn.Module) -> bool:
+    return isinstance(base, nn.Conv2d) and base.padding_mode == "zeros" and base.groups == 1
 
 
 def apply_update(
@@ -316,22 +399,26 @@ def apply_update(
     """x -> x A'^T B'^T for one adapter with per-rank scales `s`: LoRA's two skinny matmuls (two convs for a
     Conv2d: kxk into rank, then 1x1 out).
 
-    Training a Linear (not compiling) goes through :class:`_DeLoRALinear`, which keeps no folded copy
-    (`recompute_hidden`: nor the hidden) for backward. Elsewhere the transient (A', B') is plain autograd ops:
-    inference keeps nothing, and a compiled graph is left to its compiler (dynamo's wrapper of a custom
-    autograd.Function costs more than the matmuls here).
+    Training (not compiling) goes through :class:`_DeLoRALinear` / :class:`_DeLoRAConv2d`, which keep no
+    folded copy (`recompute_hidden`: nor the hidden) for backward. Elsewhere the transient (A', B') is plain
+    autograd ops: inference keeps nothing, and a compiled graph is left to its compiler (dynamo's wrapper of a
+    custom autograd.Function costs more than the matmuls here).
     """
     params, buffers = layer._parameters, layer._buffers
     A, B, w = params["delora_A"], params["delora_B"], buffers["delora_w_norm"]
     A0, B0 = buffers.get("delora_A0"), buffers.get("delora_B0")
     dtype = compute_dtype(base)
-    if isinstance(base, nn.Conv2d) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
-        if isinstance(base, nn.Conv2d):
-            hidden = base._conv_forward(x, A_f.reshape(A_f.shape[0], *base.weight.shape[1:]), None)
-            return F.conv2d(hidden, B_f[:, :, None, None])
-        return F.linear(F.linear(x, A_f), B_f)
-    return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
+    conv = isinstance(base, nn.Conv2d)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not conv:
+            return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
+        if _plain_conv(base):
+            return _DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden, base)
+    A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
+    if conv:
+        hidden = base._conv_forward(x, A_f.reshape(A_f.shape[0], *base.weight.shape[1:]), None)
+        return F.conv2d(hidden, B_f[:, :, None, None])
+    return F.linear(F.linear(x, A_f), B_f)
 
 
 # --- merging: the frozen weight is always rebuilt from its pristine copy ------------------------------------

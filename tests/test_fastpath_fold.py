@@ -55,9 +55,11 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
 @pytest.mark.parametrize("init", ["paper", "zero"])
 @pytest.mark.parametrize("keep_hidden", [False, True])
 @pytest.mark.parametrize("tokens", [(2, 7), (1, 2)])
-def test_the_layer_update_matches_autograd_through_the_transient_factors(init, keep_hidden, tokens):
+@pytest.mark.parametrize("compute", [torch.float64, torch.float32])
+def test_the_layer_update_matches_autograd_through_the_transient_factors(init, keep_hidden, tokens, compute):
     """layers._DeLoRALinear (factors made again in backward) gives autograd's values and gradients, with w
-    applied to A (more tokens than ranks) or to x (fewer)."""
+    applied to A (more tokens than ranks) or to x (fewer), and s on the hidden (compute in the parameters'
+    dtype) or folded into B (a lower compute dtype)."""
     gen = torch.Generator().manual_seed(1)
     r, n_in, n_out = 3, 5, 4
     R = 2 * r if init == "paper" else r
@@ -71,14 +73,17 @@ def test_the_layer_update_matches_autograd_through_the_transient_factors(init, k
     if init == "zero":
         A0 = B0 = None
     up = torch.randn(*tokens, n_out, generator=gen).double()
-    y = layers._DeLoRALinear.apply(x, s, A, B, w, A0, B0, torch.float64, keep_hidden)
+    y = layers._DeLoRALinear.apply(x, s, A, B, w, A0, B0, compute, keep_hidden)
     A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
     ref = torch.nn.functional.linear(torch.nn.functional.linear(x, A_f), B_f)
-    torch.testing.assert_close(y, ref)
-    ours = torch.autograd.grad((y * up).sum(), (x, s, A, B))
+    tol = {} if compute == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert y.dtype == compute
+    torch.testing.assert_close(y.double(), ref, **tol)
+    ours = torch.autograd.grad((y.double() * up).sum(), (x, s, A, B))
     want = torch.autograd.grad((ref * up).sum(), (x, s, A, B))
     for got, exp in zip(ours, want, strict=True):
-        torch.testing.assert_close(got, exp)
+        assert got.dtype == exp.dtype
+        torch.testing.assert_close(got, exp, **tol)
 
 
 def _bounded_net(init: str, rho: float | None) -> nn.Module:
@@ -224,3 +229,58 @@ def test_training_under_autocast_matches_fp32_and_keeps_no_folded_copy(init):
     for fp32, bf16 in zip(*grads, strict=True):
         assert bf16.dtype == torch.float32
         torch.testing.assert_close(bf16, fp32, atol=0.05 * fp32.abs().max().item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("init", ["paper", "zero"])
+@pytest.mark.parametrize("keep_hidden", [False, True])
+@pytest.mark.parametrize(
+    "geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2)]
+)
+def test_the_conv_update_matches_autograd_through_the_transient_factors(init, keep_hidden, geometry):
+    """layers._DeLoRAConv2d (factors made again in backward) gives autograd's values and gradients."""
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 5, **geometry).double()
+    r = 2
+    R = 2 * r if init == "paper" else r
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).double().requires_grad_()
+
+    x, s, A, B = leaf(2, 3, 9, 8), leaf(R), leaf(r, 27), leaf(5, r)
+    w = torch.rand(27, generator=gen).double() + 0.5
+    A0, B0 = torch.randn(r, 27, generator=gen).double(), torch.randn(5, r, generator=gen).double()
+    if init == "zero":
+        A0 = B0 = None
+    y = layers._DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, torch.float64, keep_hidden, base)
+    A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
+    ref = torch.nn.functional.conv2d(
+        base._conv_forward(x, A_f.reshape(R, 3, 3, 3), None), B_f[:, :, None, None]
+    )
+    torch.testing.assert_close(y, ref)
+    up = torch.randn(y.shape, generator=gen).double()
+    ours = torch.autograd.grad((y * up).sum(), (x, s, A, B))
+    want = torch.autograd.grad((ref * up).sum(), (x, s, A, B))
+    for got, exp in zip(ours, want, strict=True):
+        torch.testing.assert_close(got, exp)
+
+
+@pytest.mark.parametrize("init", ["paper", "zero"])
+def test_conv_training_keeps_no_folded_copy_of_the_adapter(init):
+    """A 3x3 Conv2d adapter saves for backward what PEFT LoRA saves on the same conv (plus vectors), never the
+    folded kernel pair (it did: autograd kept A' and B' of every adapted conv)."""
+    peft = pytest.importorskip("peft")
+    c_in, c_out, r = 64, 48, 8
+    adapter_bytes = (c_in * 9 + c_out) * r * 4
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1))
+
+    x = torch.randn(1, c_in, 6, 6, requires_grad=True)
+    lora_total, _ = _saved_bytes(peft.get_peft_model(base(), peft.LoraConfig(r=r, target_modules=["0"])), x)
+    ours = base()
+    dd.inject_delora(ours, dd.DeLoRAConfig(rank=r, lambda_init=2.0, init=init, target_modules=["0"]))
+    ours_total, ours_largest = _saved_bytes(ours, x)
+    assert ours_largest < adapter_bytes / 10
+    assert ours_total <= lora_total + adapter_bytes / 20
