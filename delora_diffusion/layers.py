@@ -262,7 +262,8 @@ class _DeLoRALinear(torch.autograd.Function):
     @staticmethod
     def _operands(x, s, A, B, w, A0, B0, dtype):
         """(x or x diag(w), downs, ups, s split per pair or None), in `dtype`. w goes on the smaller side. s
-        scales the hidden when the update runs in s's own dtype; in a lower one (autocast, half weights) it is
+        scales the hidden when the update runs in s's own dtype; in a lower one (autocast, half weights), or in
+        fp16 at all (fp16 adapters: s itself fits, s times the hidden may not, and inf * B = 0 is NaN), it is
         folded into B first, in s's dtype: the zero init's s is huge while B is tiny, and their product is
         what a half type can hold."""
         x_in = x if x.dtype == dtype else x.to(dtype)
@@ -273,7 +274,7 @@ class _DeLoRALinear(torch.autograd.Function):
             downs = tuple((d * w).to(dtype) for d in downs)
         ups = (B,) if B0 is None else (B, B0)
         s_parts = s.split(A.shape[0])
-        if s.dtype != dtype:
+        if s.dtype != dtype or dtype == torch.float16:
             return x_in, downs, tuple((u * sp).to(dtype) for u, sp in zip(ups, s_parts, strict=True)), None
         if B.dtype != dtype:
             ups = tuple(u.to(dtype) for u in ups)
@@ -331,7 +332,7 @@ class _DeLoRAConv2d(torch.autograd.Function):
     a 1x1 conv out with ``[B, B0] diag(s)`` (s folded into B in the parameters' dtype, as for half compute
     there). The pair is made in forward and again in backward, never saved: backward keeps x, the parameters
     and the small vectors (and the hidden only with `keep_hidden`), as LoRA keeps x and its parameters. Zero
-    padding, one group (``apply_update`` checks)."""
+    padding given as numbers, one group, a batched (N, C, H, W) input (``apply_update`` checks)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -390,7 +391,14 @@ def _conv_geometry(base: nn.Conv2d) -> tuple:
 
 
 def _plain_conv(base: nn.Module) -> bool:
-    return isinstance(base, nn.Conv2d) and base.padding_mode == "zeros" and base.groups == 1
+    """What :class:`_DeLoRAConv2d` handles. Not a string padding ("same", "valid"): torch.nn.grad's conv
+    helpers take numbers only."""
+    return (
+        isinstance(base, nn.Conv2d)
+        and base.padding_mode == "zeros"
+        and base.groups == 1
+        and not isinstance(base.padding, str)
+    )
 
 
 def apply_update(
@@ -412,7 +420,7 @@ def apply_update(
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         if not conv:
             return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
-        if _plain_conv(base):
+        if _plain_conv(base) and x.dim() == 4:  # batched: torch.nn.grad's helpers take no unbatched input
             return _DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden, base)
     A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
     if conv:
