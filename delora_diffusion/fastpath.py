@@ -341,7 +341,17 @@ class _FoldGroup(torch.autograd.Function):
             lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
         scale_t = torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)
         ctx.rank, ctx.n = rank, n
-        ctx.save_for_backward(a_raw, b_raw, lam, scale_t, inside, frozen_unit, *params)
+        # Kept as attributes, not saved tensors: backward may run through this node more than once. Reentrant
+        # checkpointing backpropagates a recomputed block on its own, which reaches this node (shared by the
+        # group's layers) before the step's backward does; saved tensors would be freed by the first pass.
+        # Everything here is a parameter or a small vector made without grad, so no reference cycle forms.
+        # (A compiled graph saves them as usual: dynamo traces neither tensor attributes nor versions.)
+        kept = (a_raw, b_raw, lam, scale_t, inside, frozen_unit, *params)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(*kept)
+            ctx.kept = None
+        else:
+            ctx.kept, ctx.versions = kept, [p._version for p in params]
         scales = (
             lam
             * scale_t
@@ -354,7 +364,15 @@ class _FoldGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         r, n = ctx.rank, ctx.n
-        a_raw, b_raw, lam, scale, inside, frozen_unit, *params = ctx.saved_tensors
+        if ctx.kept is None:
+            a_raw, b_raw, lam, scale, inside, frozen_unit, *params = ctx.saved_tensors
+        else:
+            a_raw, b_raw, lam, scale, inside, frozen_unit, *params = ctx.kept
+        if ctx.kept is not None and [p._version for p in params] != ctx.versions:
+            raise RuntimeError(
+                "A DeLoRA parameter was modified in place (an optimizer step?) between the forward and its "
+                "backward; call backward before the optimizer step."
+            )
         a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
         unit = scale / (r * a_norm * b_norm)  # d s / d lam
         rank_scales = lam * unit

@@ -161,3 +161,62 @@ def test_gradient_accumulation_through_a_submodule_called_on_its_own(compiled, i
     torch.nn.functional.linear(X, ref.first.weight + dW, ref.first.bias).square().sum().backward()
     for got, want in zip(_grads(model), _grads(ref), strict=True):
         torch.testing.assert_close(got, want)
+
+
+class _SameShape(nn.Module):
+    """Two same-shape adapted Linears (one fold group), the first recomputed by reentrant checkpointing
+    (transformers' default for its encoders)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(self.first, x, use_reentrant=True)
+        return self.second(torch.nn.functional.silu(h))
+
+
+@pytest.mark.parametrize("init", ["paper", "zero"])
+def test_reentrant_checkpointing_beside_a_layer_of_the_same_fold_group(init):
+    """The recompute inside backward reused the step's cached scales, so its inner backward ran through the
+    group's shared fold node and freed it; the outer backward then reached it again ("Trying to backward
+    through the graph a second time"). A forward inside backward now folds its own scales."""
+
+    def make() -> _SameShape:
+        torch.manual_seed(0)
+        model = _SameShape()
+        config = dd.DeLoRAConfig(rank=2, init=init, lambda_init=1.5, target_modules=["first", "second"])
+        dd.inject_delora(model, config).double()
+        with torch.no_grad():
+            for *_, a in dd.iter_delora_layers(model):
+                a.delora_B.add_(0.3)
+        return model
+
+    x = X.clone().requires_grad_()
+    model = make()
+    model(x).square().sum().backward()
+    ref, ref_x = make(), X.clone().requires_grad_()
+    out = ref_x
+    for i, base in enumerate((ref.first, ref.second)):
+        a = base.delora["default"]
+        dW = functional.delta_weight(
+            a.delora_A, a.delora_B, a.bounded_lambda(), a.delora_w_norm, a.rank, 1.0, *a.frozen_pair
+        )
+        out = torch.nn.functional.linear(
+            torch.nn.functional.silu(out) if i else out, base.weight + dW, base.bias
+        )
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    for got, want in zip(_grads(model), _grads(ref), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_parameter_stepped_between_forward_and_backward_is_refused():
+    """The fold keeps its tensors as attributes (reentrant checkpointing runs through it twice), so it checks
+    the parameters' versions itself, as saved tensors would."""
+    model = _net("zero")
+    loss = model(X).square().sum()
+    with torch.no_grad():
+        model.first.delora["default"].delora_lambda.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified"):
+        loss.backward()
