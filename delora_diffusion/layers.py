@@ -261,11 +261,12 @@ class _DeLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def _operands(x, s, A, B, w, A0, B0, dtype):
-        """(x or x diag(w), downs, ups, s split per pair or None), in `dtype`. w goes on the smaller side. s
-        scales the hidden when the update runs in s's own dtype; in a lower one (autocast, half weights), or in
-        fp16 at all (fp16 adapters: s itself fits, s times the hidden may not, and inf * B = 0 is NaN), it is
-        folded into B first, in s's dtype: the zero init's s is huge while B is tiny, and their product is
-        what a half type can hold."""
+        """(x or x diag(w), downs, ups, s split per pair or None), in `dtype`. w and s each go on the smaller
+        side: w on x (T x in) or A (r x in), s on the hidden (T x r) or B (out x r); few tokens favour x and
+        the hidden, many favour the weights. s is folded into B, in s's dtype, whenever the update runs in a
+        lower one (autocast, half weights) or in fp16 at all (fp16 adapters: s itself fits, s times the
+        hidden may not, and inf * B = 0 is NaN): the zero init's s is huge while B is tiny, and their
+        product is what a half type can hold."""
         x_in = x if x.dtype == dtype else x.to(dtype)
         downs = (A,) if A0 is None else (A, A0)
         if A.dtype == dtype and x.numel() < len(downs) * A.numel():  # fewer tokens than ranks: scale x
@@ -274,7 +275,8 @@ class _DeLoRALinear(torch.autograd.Function):
             downs = tuple((d * w).to(dtype) for d in downs)
         ups = (B,) if B0 is None else (B, B0)
         s_parts = s.split(A.shape[0])
-        if s.dtype != dtype or dtype == torch.float16:
+        tokens = x.numel() // x.shape[-1]
+        if s.dtype != dtype or dtype == torch.float16 or tokens >= B.shape[0]:
             return x_in, downs, tuple((u * sp).to(dtype) for u, sp in zip(ups, s_parts, strict=True)), None
         if B.dtype != dtype:
             ups = tuple(u.to(dtype) for u in ups)
