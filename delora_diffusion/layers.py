@@ -223,8 +223,8 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
 
 class _DeLoRALinear(torch.autograd.Function):
     """``x A'^T B'^T`` with ``A' = A diag(w)``, ``B' = B diag(s)`` (:func:`functional.scaled_factors`), without
-    forming (A', B'): s scales the T x r hidden, and w scales whichever is smaller, A (r x in) or x (T x in,
-    few tokens). The paper init's frozen pair runs as its own two skinny matmuls (no [A; A0] stack copied).
+    forming both: w scales A or x, s scales B or the T x r hidden, each on the smaller side (``_operands``).
+    The paper init's frozen pair runs as its own two skinny matmuls (no [A; A0] stack copied).
     Backward makes the same products again, so an adapted layer keeps for backward what LoRA keeps (x and
     the parameters) plus the small vectors w and s: no folded copy of the adapter lives across the step.
     Without `keep_hidden` the T x r hidden ``x A'^T`` is recomputed in backward too (one skinny matmul),
