@@ -224,7 +224,9 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
 class _DeLoRALinear(torch.autograd.Function):
     """``x A'^T B'^T`` with ``A' = A diag(w)``, ``B' = B diag(s)`` (:func:`functional.scaled_factors`), without
     forming both: w scales A or x, s scales B or the T x r hidden, each on the smaller side (``_operands``).
-    The paper init's frozen pair runs as its own two skinny matmuls (no [A; A0] stack copied).
+    Where both go on the weights (many tokens, the common case) the update is LoRA's two matmuls on one folded
+    pair (the paper init's [A; A0], [B, B0] stacked), with as few Python calls as small layers need; where x
+    or the hidden takes a scale, the paper init's frozen pair runs as its own two skinny matmuls.
     Backward makes the same products again, so an adapted layer keeps for backward what LoRA keeps (x and
     the parameters) plus the small vectors w and s: no folded copy of the adapter lives across the step.
     Without `keep_hidden` the T x r hidden ``x A'^T`` is recomputed in backward too (one skinny matmul),
@@ -250,6 +252,21 @@ class _DeLoRALinear(torch.autograd.Function):
         keep_hidden: bool,
     ) -> torch.Tensor:
         ctx.dtype = dtype
+        tokens, paper = x.numel() // x.shape[-1], A0 is not None
+        ctx.on_weights = not (
+            (A.dtype == dtype and tokens < A.shape[0] * (2 if paper else 1))
+            or (s.dtype == dtype and dtype != torch.float16 and tokens < B.shape[0])
+        )
+        if ctx.on_weights:  # many tokens (the common case): LoRA's two matmuls on one folded pair
+            if paper:
+                A_f, B_f = torch.cat((A, A0)).mul_(w), torch.cat((B, B0), 1).mul_(s)
+            else:
+                A_f, B_f = A * w, B * s
+            if A_f.dtype != dtype:
+                A_f, B_f = A_f.to(dtype), B_f.to(dtype)
+            hidden = F.linear(x if x.dtype == dtype else x.to(dtype), A_f)
+            ctx.save_for_backward(x, s, A, B, w, A0, B0, hidden if keep_hidden else None)
+            return F.linear(hidden, B_f)
         x_in, downs, ups, s_parts = _DeLoRALinear._operands(x, s, A, B, w, A0, B0, dtype)
         hiddens = [F.linear(x_in, down) for down in downs]
         ctx.save_for_backward(x, s, A, B, w, A0, B0, *(hiddens if keep_hidden else ()))
@@ -268,22 +285,25 @@ class _DeLoRALinear(torch.autograd.Function):
         hidden may not, and inf * B = 0 is NaN): the zero init's s is huge while B is tiny, and their
         product is what a half type can hold."""
         x_in = x if x.dtype == dtype else x.to(dtype)
-        downs = (A,) if A0 is None else (A, A0)
-        if A.dtype == dtype and x.numel() < len(downs) * A.numel():  # fewer tokens than ranks: scale x
-            x_in = x_in * w
-        else:
-            downs = tuple((d * w).to(dtype) for d in downs)
-        ups = (B,) if B0 is None else (B, B0)
-        s_parts = s.split(A.shape[0])
+        r, paper = A.shape[0], A0 is not None
         tokens = x.numel() // x.shape[-1]
-        if s.dtype != dtype or dtype == torch.float16 or tokens >= B.shape[0]:
-            return x_in, downs, tuple((u * sp).to(dtype) for u, sp in zip(ups, s_parts, strict=True)), None
-        if B.dtype != dtype:
-            ups = tuple(u.to(dtype) for u in ups)
-        return x_in, downs, ups, s_parts
+        w_on_x = A.dtype == dtype and tokens < (2 * r if paper else r)
+        s_on_hidden = s.dtype == dtype and dtype != torch.float16 and tokens < B.shape[0]
+        if w_on_x:
+            x_in = x_in * w
+            downs = (A, A0) if paper else (A,)
+        else:
+            downs = ((A * w).to(dtype), (A0 * w).to(dtype)) if paper else ((A * w).to(dtype),)
+        if s_on_hidden:
+            ups = (B, B0) if paper else (B,)
+            return x_in, downs, tuple(u.to(dtype) for u in ups), s.split(r) if paper else (s,)
+        ups = ((B * s[:r]).to(dtype), (B0 * s[r:]).to(dtype)) if paper else ((B * s).to(dtype),)
+        return x_in, downs, ups, None
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        if ctx.on_weights:
+            return _DeLoRALinear._backward_on_weights(ctx, grad)
         x, s, A, B, w, A0, B0, *kept = ctx.saved_tensors
         dtype, needs = ctx.dtype, ctx.needs_input_grad
         x_in, downs, ups, s_parts = _DeLoRALinear._operands(x, s, A, B, w, A0, B0, dtype)
@@ -303,6 +323,7 @@ class _DeLoRALinear(torch.autograd.Function):
                 grad_x = grad_x.addmm_(grad_hidden[1], downs[1])
             grad_x = (grad_x * w if w_on_x else grad_x).reshape(x.shape)
             grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
+        r, paper = A.shape[0], A0 is not None
         if needs[2]:
             grad_A = grad_hidden[0].t().mm(x2)
             grad_A = grad_A if grad_A.dtype == A.dtype else grad_A.to(A.dtype)
@@ -313,19 +334,53 @@ class _DeLoRALinear(torch.autograd.Function):
             else:
                 hiddens = [x2.mm(down.t()) for down in downs]
             if s_parts is None:  # through B' = B diag(s), in the parameters' dtype
-                ups_raw = (B,) if B0 is None else (B, B0)
+                ups_raw = (B, B0) if paper else (B,)
                 grad_up = [g2.t().mm(h).to(B.dtype) for h in hiddens]  # (out, r) each
                 if needs[1]:
-                    grad_s = torch.cat([(g * u).sum(0) for g, u in zip(grad_up, ups_raw, strict=True)])
+                    parts = [(g * u).sum(0) for g, u in zip(grad_up, ups_raw, strict=True)]
+                    grad_s = parts[0] if len(parts) == 1 else torch.cat(parts)
                 if needs[3]:
-                    grad_B = grad_up[0].mul_(s[: A.shape[0]])
+                    grad_B = grad_up[0].mul_(s[:r])
             else:
                 if needs[1]:
-                    grad_s = torch.cat([(g * h).sum(0) for g, h in zip(grad_scaled, hiddens, strict=True)])
+                    parts = [(g * h).sum(0) for g, h in zip(grad_scaled, hiddens, strict=True)]
+                    grad_s = parts[0] if len(parts) == 1 else torch.cat(parts)
                     grad_s = grad_s if grad_s.dtype == s.dtype else grad_s.to(s.dtype)
                 if needs[3]:
                     grad_B = g2.t().mm(hiddens[0] * s_parts[0])
                     grad_B = grad_B if grad_B.dtype == B.dtype else grad_B.to(B.dtype)
+        return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None
+
+    @staticmethod
+    def _backward_on_weights(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Backward of the folded pair (A', B'), remade here; few Python calls, as small layers need."""
+        x, s, A, B, w, A0, B0, hidden = ctx.saved_tensors
+        dtype, needs, r = ctx.dtype, ctx.needs_input_grad, A.shape[0]
+        paper = A0 is not None
+        A_cat, B_cat = (torch.cat((A, A0)), torch.cat((B, B0), 1)) if paper else (A, B)
+        A_f, B_f = A_cat * w, B_cat * s
+        cast = A_f.dtype != dtype
+        if cast:
+            A_f, B_f = A_f.to(dtype), B_f.to(dtype)
+        x2, grad2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        if grad2.dtype != dtype:
+            grad2 = grad2.to(dtype)
+        grad_hidden = grad2.mm(B_f)  # (T, R)
+        grad_x = grad_s = grad_A = grad_B = None
+        if needs[0]:
+            grad_x = grad_hidden.mm(A_f).reshape(x.shape)
+            grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
+        if needs[2]:
+            grad_A = (grad_hidden[:, :r] if paper else grad_hidden).t().mm(x2)
+            grad_A = (grad_A.to(A.dtype) if cast else grad_A).mul_(w)
+        if needs[1] or needs[3]:
+            hidden = x2.mm(A_f.t()) if hidden is None else hidden.reshape(-1, hidden.shape[-1])
+            grad_B_f = grad2.t().mm(hidden)  # (out, R)
+            grad_B_f = grad_B_f.to(B.dtype) if cast else grad_B_f
+            grad_s = (grad_B_f * B_cat).sum(0)
+            grad_B = grad_B_f[:, :r] * s[:r] if paper else grad_B_f.mul_(s)
         return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None
 
 

@@ -54,16 +54,19 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
 
 @pytest.mark.parametrize("init", ["paper", "zero"])
 @pytest.mark.parametrize("keep_hidden", [False, True])
-@pytest.mark.parametrize("tokens", [(2, 7), (1, 2), (1, 3), (1, 5)])
+@pytest.mark.parametrize("tokens,n_out", [((2, 7), 4), ((1, 2), 4), ((1, 3), 4), ((1, 5), 4), ((1, 7), 8)])
 @pytest.mark.parametrize("compute", [torch.float64, torch.float32])
-def test_the_layer_update_matches_autograd_through_the_transient_factors(init, keep_hidden, tokens, compute):
+def test_the_layer_update_matches_autograd_through_the_transient_factors(
+    init, keep_hidden, tokens, n_out, compute
+):
     """layers._DeLoRALinear (factors made again in backward) gives autograd's values and gradients, with w
     applied to A (at least as many tokens as ranks) or to x (fewer), and s on the hidden (fewer tokens than
     outputs, compute in the parameters' dtype) or folded into B (more tokens, or a lower compute dtype).
-    rank 3 (6 with the frozen pair), 4 outputs: 14 tokens take A and B, 2 take x and the hidden, 3 take A
-    and the hidden (zero init), 5 take x and B (paper init)."""
+    Rank 3 (6 with the frozen pair): 14 tokens take A and B (one stacked pair for the paper init), 2 take x
+    and the hidden, 3 take A and the hidden (zero init), 5 take x and B (paper init), 7 of 8 outputs take A
+    and the hidden (paper init)."""
     gen = torch.Generator().manual_seed(1)
-    r, n_in, n_out = 3, 5, 4
+    r, n_in = 3, 5
     R = 2 * r if init == "paper" else r
 
     def leaf(*shape: int) -> torch.Tensor:
