@@ -183,9 +183,12 @@ class Bench:
 
 
 def method_label(method: str, args: argparse.Namespace) -> str:
-    """The method's name in the tables, with the settings that differ from the study's (rank 4, lambda's lr =
-    lr) appended, e.g. ``delora-paper@0.3:r8``, ``delora-paper@0.3:lamlr10``: such runs form cells of their own."""
+    """The method's name in the tables, with the settings that differ from the study's (rank 4, attention
+    targets, lambda's lr = lr) appended, e.g. ``delora-paper@0.3:r8``, ``delora-paper@0.3:attention-ff``,
+    ``delora-paper@0.3:lamlr10``: such runs form cells of their own."""
     label = method if args.rank == 4 else f"{method}:r{args.rank}"
+    if args.targets != "attention":
+        label += f":{args.targets}"
     if method.startswith("delora-") and args.lambda_lr_mult != 1.0:
         label += f":lamlr{args.lambda_lr_mult:g}"
     return label
