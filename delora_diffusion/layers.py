@@ -252,13 +252,9 @@ class _DeLoRALinear(torch.autograd.Function):
         keep_hidden: bool,
     ) -> torch.Tensor:
         ctx.dtype = dtype
-        tokens, paper = x.numel() // x.shape[-1], A0 is not None
-        ctx.on_weights = not (
-            (A.dtype == dtype and tokens < A.shape[0] * (2 if paper else 1))
-            or (s.dtype == dtype and dtype != torch.float16 and tokens < B.shape[0])
-        )
+        ctx.on_weights = not any(_DeLoRALinear._sides(x, s, A, B, A0, dtype))
         if ctx.on_weights:  # many tokens (the common case): LoRA's two matmuls on one folded pair
-            if paper:
+            if A0 is not None:
                 A_f, B_f = torch.cat((A, A0)).mul_(w), torch.cat((B, B0), 1).mul_(s)
             else:
                 A_f, B_f = A * w, B * s
@@ -277,6 +273,14 @@ class _DeLoRALinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    def _sides(x, s, A, B, A0, dtype) -> tuple[bool, bool]:
+        """(w scales x, s scales the hidden): each only where that side is smaller (fewer tokens than ranks,
+        resp. outputs) and s is safe there (see ``_operands``); the one place forward and backward decide it."""
+        tokens = x.numel() // x.shape[-1]
+        w_on_x = A.dtype == dtype and tokens < A.shape[0] * (1 if A0 is None else 2)
+        return w_on_x, s.dtype == dtype and dtype != torch.float16 and tokens < B.shape[0]
+
+    @staticmethod
     def _operands(x, s, A, B, w, A0, B0, dtype):
         """(x or x diag(w), downs, ups, s split per pair or None), in `dtype`. w and s each go on the smaller
         side: w on x (T x in) or A (r x in), s on the hidden (T x r) or B (out x r); few tokens favour x and
@@ -286,9 +290,7 @@ class _DeLoRALinear(torch.autograd.Function):
         product is what a half type can hold."""
         x_in = x if x.dtype == dtype else x.to(dtype)
         r, paper = A.shape[0], A0 is not None
-        tokens = x.numel() // x.shape[-1]
-        w_on_x = A.dtype == dtype and tokens < (2 * r if paper else r)
-        s_on_hidden = s.dtype == dtype and dtype != torch.float16 and tokens < B.shape[0]
+        w_on_x, s_on_hidden = _DeLoRALinear._sides(x, s, A, B, A0, dtype)
         if w_on_x:
             x_in = x_in * w
             downs = (A, A0) if paper else (A,)
