@@ -4,7 +4,7 @@ The update of a layer is ``x (A diag(w))^T (B diag(s))^T`` (the paper init stack
 per-rank scales ``s = lam * scale / (r |a_i| |b_i|)`` (:func:`delora_diffusion.functional.rank_scales`).
 Only s depends on lambda and the norms, so s (r or 2r numbers per layer) is all that is folded ahead and kept:
 the layer builds ``A diag(w)`` and ``B diag(s)`` transiently in its own forward and again in its backward
-(:class:`~delora_diffusion.layers._DeLoRALinear`), so no adapter-sized copy lives across a training step.
+(:class:`~delora_diffusion.update._DeLoRALinear`), so no adapter-sized copy lives across a training step.
 
 All cache logic lives here. Each :class:`~delora_diffusion.layers.DeLoRALayer` may hold its cached scales
 plus the *stamp* they were computed under. They go stale when any of their inputs changes:
@@ -17,7 +17,7 @@ plus the *stamp* they were computed under. They go stale when any of their input
 While gradients flow, cached scales are never reused across forwards: the previous backward freed their
 graph. So before each forward of a model with adapters, a pre-hook on the model (:func:`refresh_pre_hook`)
 gathers every stale adapter, groups them by (shape, rank, init, dtype, device), and computes each group's
-scales in one node (:class:`_FoldGroup`: a few stacked ops, not a few per layer). The layers then use those
+scales in one node (:class:`FoldGroup`: a few stacked ops, not a few per layer). The layers then use those
 scales for the whole step, so checkpointed recomputes see the very same tensors.
 
 Under ``torch.compile`` the pre-hook still runs eagerly (dynamo runs a compiled module's hooks as frames of
@@ -43,7 +43,9 @@ import torch
 from torch import nn
 
 from . import functional
-from .layers import DeLoRAContainer, DeLoRALayer, apply_update
+from .fold import FoldGroup
+from .layers import DeLoRAContainer, DeLoRALayer
+from .update import apply_update
 
 
 @dataclass
@@ -309,95 +311,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
-class _FoldGroup(torch.autograd.Function):
-    """A whole group's per-rank scales s (:func:`functional.rank_scales`) in one node, (L, r) or (L, 2r).
-
-    Keeps for backward only the parameters (which exist anyway) and (L, r) vectors; backward re-stacks A and
-    B once and applies the closed-form gradient of ``s = lam * scale * u``, ``u = 1 / (r |a| |b|)`` (norms
-    clamped at :data:`functional.NORM_EPS`), plus lambda's share of the frozen ranks' ``lam * scale * u0``.
-    The layers' updates (``layers._DeLoRALinear``) give A and B their direct gradients.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        rank: int,
-        n: int,
-        scale: float | torch.Tensor,
-        frozen_unit: torch.Tensor | None,
-        lambda_max: torch.Tensor | None,
-        *params: torch.Tensor,
-    ) -> torch.Tensor:
-        As, Bs, lam = params[:n], params[n : 2 * n], torch.stack(params[2 * n :])
-        ctx.stacked = _stack_fold(lam.device)
-        if ctx.stacked:  # one norm kernel per group, on a copy
-            a_raw, b_raw = torch.stack(As).norm(dim=-1), torch.stack(Bs).norm(dim=-2)  # (L, r)
-        else:  # one per member, no copy
-            a_raw = torch.stack([a.norm(dim=-1) for a in As])
-            b_raw = torch.stack([b.norm(dim=-2) for b in Bs])
-        inside = None
-        if lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
-            inside = lam.abs() <= lambda_max
-            lam = torch.minimum(torch.maximum(lam, -lambda_max), lambda_max)
-        scale_t = torch.as_tensor(scale, dtype=lam.dtype, device=lam.device)
-        ctx.rank, ctx.n = rank, n
-        # Kept as attributes, not saved tensors: backward may run through this node more than once. Reentrant
-        # checkpointing backpropagates a recomputed block on its own, which reaches this node (shared by the
-        # group's layers) before the step's backward does; saved tensors would be freed by the first pass.
-        # Everything here is a parameter or a small vector made without grad, so no reference cycle forms.
-        # (A compiled graph saves them as usual: dynamo traces neither tensor attributes nor versions.)
-        kept = (a_raw, b_raw, lam, scale_t, inside, frozen_unit, *params)
-        if torch.compiler.is_compiling():
-            ctx.save_for_backward(*kept)
-            ctx.kept = None
-        else:
-            ctx.kept, ctx.versions = kept, [p._version for p in params]
-        scales = (
-            lam
-            * scale_t
-            / (rank * a_raw.clamp_min(functional.NORM_EPS) * b_raw.clamp_min(functional.NORM_EPS))
-        )
-        if frozen_unit is None:
-            return scales
-        return torch.cat([scales, lam * scale_t * frozen_unit], dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        r, n = ctx.rank, ctx.n
-        if ctx.kept is None:
-            a_raw, b_raw, lam, scale, inside, frozen_unit, *params = ctx.saved_tensors
-        else:
-            a_raw, b_raw, lam, scale, inside, frozen_unit, *params = ctx.kept
-        if ctx.kept is not None and [p._version for p in params] != ctx.versions:
-            raise RuntimeError(
-                "A DeLoRA parameter was modified in place (an optimizer step?) between the forward and its "
-                "backward; call backward before the optimizer step."
-            )
-        a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
-        unit = scale / (r * a_norm * b_norm)  # d s / d lam
-        rank_scales = lam * unit
-        g = grad_s[..., :r]
-        grad_lam = (g * unit).sum(dim=-1, keepdim=True)
-        if frozen_unit is not None:
-            grad_lam = grad_lam + (grad_s[..., r:] * frozen_unit).sum(dim=-1, keepdim=True) * scale
-        if inside is not None:
-            grad_lam = grad_lam * inside
-        # s = lam * scale / (r |a| |b|): d/d|a| = -s / |a|, through the clamp (mask |a| >= eps) and the norm
-        # (d|a|/da = a / |a|).
-        g_norm = g * rank_scales
-        g_a = torch.where(a_raw >= functional.NORM_EPS, -g_norm / (a_norm * a_raw.clamp_min(1e-30)), 0.0)
-        g_b = torch.where(b_raw >= functional.NORM_EPS, -g_norm / (b_norm * b_raw.clamp_min(1e-30)), 0.0)
-        As, Bs = params[:n], params[n : 2 * n]
-        if ctx.stacked:
-            grad_A = (g_a.unsqueeze(-1) * torch.stack(As)).unbind(0)
-            grad_B = (g_b.unsqueeze(-2) * torch.stack(Bs)).unbind(0)
-        else:
-            grad_A = [g.unsqueeze(-1) * a for g, a in zip(g_a.unbind(0), As, strict=True)]
-            grad_B = [g.unsqueeze(-2) * b for g, b in zip(g_b.unbind(0), Bs, strict=True)]
-        grads = (*grad_A, *grad_B, *grad_lam.unbind(0))
-        return (None,) * 5 + grads
-
-
 def _stack_fold(device: torch.device) -> bool:
     """Stack a group's A and B for their norms (one kernel per group: launch-bound accelerators) or take
     each member's norms in place (no copy of the adapter: a CPU, where the copy costs more than the calls)."""
@@ -413,9 +326,10 @@ def fold_group(
     lambda_max: torch.Tensor | None,
     members: list[DeLoRALayer],
 ) -> torch.Tensor:
-    """Stacked per-rank scales of `members` (same shapes, rank and init) through :class:`_FoldGroup`."""
+    """Stacked per-rank scales of `members` (same shapes, rank and init) through :class:`FoldGroup`."""
     params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
-    return _FoldGroup.apply(rank, len(members), scale, frozen_unit, lambda_max, *params)
+    stacked = _stack_fold(params[0].device)
+    return FoldGroup.apply(rank, len(members), stacked, scale, frozen_unit, lambda_max, *params)
 
 
 def project_lambdas(layers: list[DeLoRALayer]) -> None:

@@ -1,4 +1,4 @@
-"""The batched fold (fastpath._FoldGroup) and the layer update against autograd over the reference math, the
+"""The batched fold (fold.FoldGroup) and the layer update against autograd over the reference math, the
 memory they keep, and the cache upkeep."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import delora_diffusion as dd
-from delora_diffusion import fastpath, functional, layers
+from delora_diffusion import fastpath, fold, functional, layers, update
 
 
 @pytest.mark.parametrize("init", ["paper", "zero"])
@@ -41,10 +41,9 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
             [[lam[0].abs().item() * 2], [lam[1].abs().item() / 2], [float("inf")]]
         ).double()
         ref_lam = torch.minimum(torch.maximum(ref_lam, -lambda_max), lambda_max)
-    with fastpath.fastpath_options(stack_fold=stacked):
-        scales = fastpath._FoldGroup.apply(r, L, mult, frozen_unit, lambda_max, *A, *B, *lam)
-        up = torch.randn(scales.shape, generator=gen).double()
-        ours = torch.autograd.grad((scales * up).sum(), A + B + lam)
+    scales = fold.FoldGroup.apply(r, L, stacked, mult, frozen_unit, lambda_max, *A, *B, *lam)
+    up = torch.randn(scales.shape, generator=gen).double()
+    ours = torch.autograd.grad((scales * up).sum(), A + B + lam)
     ref = functional.rank_scales(torch.stack(A), torch.stack(B), ref_lam, r, mult, frozen_unit)
     torch.testing.assert_close(scales, ref)
     want = torch.autograd.grad((ref * up).sum(), A + B + lam)
@@ -59,7 +58,7 @@ def test_fold_group_gradients_match_autograd_reference(init, per_layer_mult, zer
 def test_the_layer_update_matches_autograd_through_the_transient_factors(
     init, keep_hidden, tokens, n_out, compute
 ):
-    """layers._DeLoRALinear (factors made again in backward) gives autograd's values and gradients, with w
+    """update._DeLoRALinear (factors made again in backward) gives autograd's values and gradients, with w
     applied to A (at least as many tokens as ranks) or to x (fewer), and s on the hidden (fewer tokens than
     outputs, compute in the parameters' dtype) or folded into B (more tokens, or a lower compute dtype).
     Rank 3 (6 with the frozen pair): 14 tokens take A and B (one stacked pair for the paper init), 2 take x
@@ -78,7 +77,7 @@ def test_the_layer_update_matches_autograd_through_the_transient_factors(
     if init == "zero":
         A0 = B0 = None
     up = torch.randn(*tokens, n_out, generator=gen).double()
-    y = layers._DeLoRALinear.apply(x, s, A, B, w, A0, B0, compute, keep_hidden)
+    y = update._DeLoRALinear.apply(x, s, A, B, w, A0, B0, compute, keep_hidden)
     A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
     ref = torch.nn.functional.linear(torch.nn.functional.linear(x, A_f), B_f)
     tol = {} if compute == torch.float64 else dict(rtol=1e-5, atol=1e-5)
@@ -242,7 +241,7 @@ def test_training_under_autocast_matches_fp32_and_keeps_no_folded_copy(init):
     "geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2)]
 )
 def test_the_conv_update_matches_autograd_through_the_transient_factors(init, keep_hidden, geometry):
-    """layers._DeLoRAConv2d (factors made again in backward) gives autograd's values and gradients."""
+    """update._DeLoRAConv2d (factors made again in backward) gives autograd's values and gradients."""
     gen = torch.Generator().manual_seed(4)
     torch.manual_seed(0)
     base = nn.Conv2d(3, 5, **geometry).double()
@@ -257,7 +256,7 @@ def test_the_conv_update_matches_autograd_through_the_transient_factors(init, ke
     A0, B0 = torch.randn(r, 27, generator=gen).double(), torch.randn(5, r, generator=gen).double()
     if init == "zero":
         A0 = B0 = None
-    y = layers._DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, torch.float64, keep_hidden, base)
+    y = update._DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, torch.float64, keep_hidden, base)
     A_f, B_f = functional.scaled_factors(A, B, w, s, A0, B0)
     ref = torch.nn.functional.conv2d(
         base._conv_forward(x, A_f.reshape(R, 3, 3, 3), None), B_f[:, :, None, None]

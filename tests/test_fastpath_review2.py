@@ -1,4 +1,4 @@
-"""Second review of the fast path's layer updates (layers._DeLoRALinear / _DeLoRAConv2d): Conv2d geometries the
+"""Second review of the fast path's layer updates (update._DeLoRALinear / _DeLoRAConv2d): Conv2d geometries the
 custom Function cannot take, fp16 adapters at the zero init, and input layouts. Each against plain autograd
 through the dense dW of functional.delta_weight, in float64."""
 
