@@ -274,7 +274,9 @@ def apply_update(
     Training (not compiling) goes through :class:`_DeLoRALinear` / :class:`_DeLoRAConv2d`, which keep no
     folded copy (`recompute_hidden`: nor the hidden) for backward. Elsewhere the transient (A', B') is plain
     autograd ops: inference keeps nothing, and a compiled graph is left to its compiler (dynamo's wrapper of a
-    custom autograd.Function costs more than the matmuls here).
+    custom autograd.Function costs more than the matmuls here). With no more tokens than input features a
+    Linear keeps the T x r hidden whatever `recompute_hidden` says, as LoRA does: it is then smaller than A,
+    and recomputing it would cost a pass over A (two for the paper init).
     """
     params, buffers = layer._parameters, layer._buffers
     A, B, w = params["delora_A"], params["delora_B"], buffers["delora_w_norm"]
@@ -283,7 +285,8 @@ def apply_update(
     conv = isinstance(base, nn.Conv2d)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         if not conv:
-            return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
+            keep = not recompute_hidden or x.numel() <= x.shape[-1] * x.shape[-1]  # tokens <= features
+            return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, keep)
         if _plain_conv(base) and x.dim() == 4:  # batched: torch.nn.grad's helpers take no unbatched input
             return _DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden, base)
     A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
