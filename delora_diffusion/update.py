@@ -100,11 +100,11 @@ class _DeLoRALinear(torch.autograd.Function):
             x_in = x_in * w
             downs = (A, A0) if paper else (A,)
         else:
-            downs = ((A * w).to(dtype), (A0 * w).to(dtype)) if paper else ((A * w).to(dtype),)
+            downs = (_as(A * w, dtype), _as(A0 * w, dtype)) if paper else (_as(A * w, dtype),)
         if s_on_hidden:
-            ups = (B, B0) if paper else (B,)
-            return x_in, downs, tuple(u.to(dtype) for u in ups), s.split(r) if paper else (s,)
-        ups = ((B * s[:r]).to(dtype), (B0 * s[r:]).to(dtype)) if paper else ((B * s).to(dtype),)
+            ups = (_as(B, dtype), _as(B0, dtype)) if paper else (_as(B, dtype),)
+            return x_in, downs, ups, s.split(r) if paper else (s,)
+        ups = (_as(B * s[:r], dtype), _as(B0 * s[r:], dtype)) if paper else (_as(B * s, dtype),)
         return x_in, downs, ups, None
 
     @staticmethod
@@ -250,6 +250,11 @@ class _DeLoRAConv2d(torch.autograd.Function):
         return grad_x, grad_s, grad_A, grad_B, None, None, None, None, None, None
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, without a dispatcher call when it already is (this runs several times per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _conv_geometry(base: nn.Conv2d) -> tuple:
     return base.stride, base.padding, base.dilation
 
@@ -274,9 +279,7 @@ def apply_update(
     Training (not compiling) goes through :class:`_DeLoRALinear` / :class:`_DeLoRAConv2d`, which keep no
     folded copy (`recompute_hidden`: nor the hidden) for backward. Elsewhere the transient (A', B') is plain
     autograd ops: inference keeps nothing, and a compiled graph is left to its compiler (dynamo's wrapper of a
-    custom autograd.Function costs more than the matmuls here). With no more tokens than input features a
-    Linear keeps the T x r hidden whatever `recompute_hidden` says, as LoRA does: it is then smaller than A,
-    and recomputing it would cost a pass over A (two for the paper init).
+    custom autograd.Function costs more than the matmuls here).
     """
     params, buffers = layer._parameters, layer._buffers
     A, B, w = params["delora_A"], params["delora_B"], buffers["delora_w_norm"]
@@ -285,8 +288,7 @@ def apply_update(
     conv = isinstance(base, nn.Conv2d)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         if not conv:
-            keep = not recompute_hidden or x.numel() <= x.shape[-1] * x.shape[-1]  # tokens <= features
-            return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, keep)
+            return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
         if _plain_conv(base) and x.dim() == 4:  # batched: torch.nn.grad's helpers take no unbatched input
             return _DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden, base)
     A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
