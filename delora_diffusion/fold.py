@@ -34,10 +34,10 @@ class FoldGroup(torch.autograd.Function):
         As, Bs, lam = params[:n], params[n : 2 * n], torch.stack(params[2 * n :])
         ctx.stacked = stacked
         if ctx.stacked:  # one norm kernel per group, on a copy
-            a_raw, b_raw = functional.rank_one_norms(torch.stack(As), torch.stack(Bs))  # (L, r)
+            a_raw, b_raw = torch.stack(As).norm(dim=-1), torch.stack(Bs).norm(dim=-2)  # (L, r)
         else:  # one per member, no copy
-            pairs = [functional.rank_one_norms(a, b) for a, b in zip(As, Bs, strict=True)]
-            a_raw, b_raw = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            a_raw = torch.stack([a.norm(dim=-1) for a in As])
+            b_raw = torch.stack([b.norm(dim=-2) for b in Bs])
         inside = None
         if lambda_max is not None:  # clamp's gradient: through where -max <= lam <= max
             inside = lam.abs() <= lambda_max

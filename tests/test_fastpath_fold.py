@@ -288,17 +288,3 @@ def test_conv_training_keeps_no_folded_copy_of_the_adapter(init):
     ours_total, ours_largest = _saved_bytes(ours, x)
     assert ours_largest < adapter_bytes / 10
     assert ours_total <= lora_total + adapter_bytes / 20
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_rank_one_norms_match_the_vector_norm_and_do_not_overflow_in_half(dtype):
-    """The fold's norms (B's columns as a sum of squares in fp32/fp64) equal torch's vector norms; half types
-    keep the vector norm, whose fp32 accumulation survives entries whose squares overflow fp16 (300^2)."""
-    gen = torch.Generator().manual_seed(6)
-    A, B = torch.randn(2, 4, 9, generator=gen) * 300, torch.randn(2, 7, 4, generator=gen) * 300
-    a, b = functional.rank_one_norms(A.to(dtype), B.to(dtype))
-    assert a.shape == b.shape == (2, 4) and a.dtype == b.dtype == dtype
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    tol = {} if dtype in (torch.float64, torch.float32) else dict(rtol=1e-2, atol=0)
-    torch.testing.assert_close(a.float(), A.to(dtype).float().norm(dim=-1), **tol)
-    torch.testing.assert_close(b.float(), B.to(dtype).float().norm(dim=-2), **tol)
