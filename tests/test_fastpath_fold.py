@@ -288,3 +288,24 @@ def test_conv_training_keeps_no_folded_copy_of_the_adapter(init):
     ours_total, ours_largest = _saved_bytes(ours, x)
     assert ours_largest < adapter_bytes / 10
     assert ours_total <= lora_total + adapter_bytes / 20
+
+
+@pytest.mark.parametrize("stack_fold", [False, True])
+def test_the_stack_fold_switch_reaches_the_fold_and_keeps_the_gradients(stack_fold, monkeypatch):
+    """`fastpath_options(stack_fold=...)` decides how the fold takes its norms (stacked copies on accelerators,
+    per member on a CPU by default); either way the gradients are the per-layer path's."""
+    seen: list[bool] = []
+    apply = fold.FoldGroup.apply
+    monkeypatch.setattr(fold.FoldGroup, "apply", lambda *args: seen.append(args[2]) or apply(*args))
+    assert fastpath._stack_fold(torch.device("cpu")) is False
+    assert fastpath._stack_fold(torch.device("cuda")) is True
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for batched in (True, False):
+        model = _bounded_net("paper", 0.05)
+        with fastpath.fastpath_options(batched=batched, stack_fold=stack_fold):
+            model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert seen and set(seen) == {stack_fold}
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, msg=name)
