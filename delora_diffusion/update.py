@@ -35,7 +35,8 @@ class _DeLoRALinear(torch.autograd.Function):
     Backward makes the same products again, so an adapted layer keeps for backward what LoRA keeps (x and
     the parameters) plus the small vectors w and s: no folded copy of the adapter lives across the step.
     Without `keep_hidden` the T x r hidden ``x A'^T`` is recomputed in backward too (one skinny matmul),
-    which LoRA keeps.
+    which LoRA keeps. Where the frozen pair runs on its own, its hidden is kept instead: with x, that is
+    what LoRA keeps, and the paper init's backward makes one skinny matmul fewer.
 
     The gradients of A and B here are the direct ones; their share through the norms in s reaches them from
     the batched fold (``fold.FoldGroup``) via s's gradient. Inputs are cast to `dtype` explicitly, so
@@ -70,7 +71,10 @@ class _DeLoRALinear(torch.autograd.Function):
             return F.linear(hidden, B_f)
         x_in, downs, ups, s_parts = _DeLoRALinear._operands(x, s, A, B, w, A0, B0, dtype)
         hiddens = [F.linear(x_in, down) for down in downs]
-        ctx.save_for_backward(x, s, A, B, w, A0, B0, *(hiddens if keep_hidden else ()))
+        # The frozen pair's hidden is always kept: the paper init then keeps what LoRA keeps (x and one T x r
+        # hidden) and backward makes one skinny matmul fewer. The trainable one only with `keep_hidden`.
+        kept = (hiddens[0] if keep_hidden else None, hiddens[1] if len(hiddens) > 1 else None)
+        ctx.save_for_backward(x, s, A, B, w, A0, B0, *kept)
         scaled = hiddens if s_parts is None else [h * sp for h, sp in zip(hiddens, s_parts, strict=True)]
         out = F.linear(scaled[0], ups[0])
         if len(scaled) > 1:
@@ -136,10 +140,10 @@ class _DeLoRALinear(torch.autograd.Function):
             grad_A = grad_A if grad_A.dtype == A.dtype else grad_A.to(A.dtype)
             grad_A = grad_A if w_on_x else grad_A.mul_(w)
         if needs[1] or needs[3]:
-            if kept:
-                hiddens = [h.reshape(-1, h.shape[-1]) for h in kept]
-            else:
-                hiddens = [x2.mm(down.t()) for down in downs]
+            hiddens = [
+                x2.mm(down.t()) if h is None else h.reshape(-1, h.shape[-1])
+                for h, down in zip(kept, downs, strict=False)
+            ]
             if s_parts is None:  # through B' = B diag(s), in the parameters' dtype
                 ups_raw = (B, B0) if paper else (B,)
                 grad_up = [g2.t().mm(h).to(B.dtype) for h in hiddens]  # (out, r) each
