@@ -17,7 +17,7 @@ It writes ``device_suite.json`` (every number) and ``device_suite.log`` (the tab
    (bf16, 1024 px, batch 2, gradient checkpointing), ours (paper, zero) vs PEFT LoRA vs PEFT DeLoRA,
    interleaved rounds (benchmarks/speed.py's ``train_benchmark``).
 2. ``speed_compiled``: the same on SD1.5 under ``torch.compile`` (``--compile-backend``, default inductor),
-   our default init against PEFT LoRA.
+   our default init against PEFT LoRA, each also uncompiled in the same rounds (compiled / uncompiled).
 3. ``inference``: SD1.5 forward unfused / fused / base, and the time of a lambda change (unfused: a refold;
    fused: a re-merge of every layer).
 4. ``train_sd15`` / ``train_sdxl``: the real training script (accelerate launch, bf16, gradient checkpointing,
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             "speed_compiled",
             lambda: speed.train_benchmark(
-                specs[0], device, [speed.DEFAULT_VARIANT, "peft-lora"], rounds, warmup, None, backend
+                specs[0], device, [speed.DEFAULT_VARIANT, "peft-lora"], rounds, warmup, None, backend, True
             ),
             speed.markdown_train,
         ),

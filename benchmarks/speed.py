@@ -6,6 +6,7 @@
     python benchmarks/speed.py --quick --variants ours-paper peft-lora ours-paper-keep   # opt-in variants
     python benchmarks/speed.py --layouts sd15 sdxl --latent 16 --batch 1 --rounds 4   # real layouts on a CPU
     python benchmarks/speed.py --compile eager    # every variant under torch.compile (backend eager)
+    python benchmarks/speed.py --quick --compile eager --with-uncompiled   # and uncompiled, same rounds
 
 Training: each variant gets its own copy of the same random-init UNet, the same batch and AdamW; one round
 runs one forward + backward + optimizer step of every variant (order rotated per round), so machine noise hits
@@ -50,19 +51,32 @@ def train_benchmark(
     warmup: int,
     budget: float | None = None,
     compile_backend: str | None = None,
+    with_uncompiled: bool = False,
 ) -> list[dict[str, Any]]:
     """Interleaved step times and per-variant memory for one UNet configuration.
 
     The variants share the frozen weights (:func:`_common.shared_copy`). With `compile_backend` every
-    variant's UNet runs under ``torch.compile`` with that backend (memory is measured uncompiled).
+    variant's UNet runs under ``torch.compile`` with that backend (memory is measured uncompiled); with
+    `with_uncompiled` too, each variant also runs uncompiled in the same rounds (``"<variant> uncompiled"``),
+    and its compiled rows say how the compiled step compares (``vs_uncompiled``).
     """
     base = C.build_unet(spec, device)
     batch = C.make_batch(spec, device)
-    trainers = {v: C.make_trainer(base, spec, v, batch) for v in variants}
+
+    def trainer(variant: str) -> C.Trainer:
+        torch.manual_seed(0)  # the same adapter init for a variant's compiled and uncompiled copies
+        return C.make_trainer(base, spec, variant, batch)
+
+    trainers = {v: trainer(v) for v in variants}
     memory = {v: C.memory_report(trainers[v], device) for v in variants}
     if compile_backend:
-        for trainer in trainers.values():
-            trainer.unet = torch.compile(trainer.unet, backend=compile_backend)
+        for compiled in trainers.values():
+            compiled.unet = torch.compile(compiled.unet, backend=compile_backend)
+        if with_uncompiled:
+            for v in variants:
+                trainers[f"{v} uncompiled"] = trainer(v)
+                memory[f"{v} uncompiled"] = memory[v]
+    variants = list(trainers)
     losses = {v: [] for v in variants}
 
     def stepper(v: str):
@@ -70,15 +84,17 @@ def train_benchmark(
 
     times = C.interleaved({v: stepper(v) for v in variants}, rounds, warmup, device, budget)
     rows = []
-    lora_ms = C.median(times.wall["peft-lora"])
-    lora_cpu = C.median(times.cpu["peft-lora"])
     for v in variants:
+        compiled = bool(compile_backend) and not v.endswith(" uncompiled")
+        reference = "peft-lora" if compiled or not compile_backend else "peft-lora uncompiled"
+        lora_ms, lora_cpu = C.median(times.wall[reference]), C.median(times.cpu[reference])
         step_ms = C.median(times.wall[v])
         cpu_ms = C.median(times.cpu[v])
         rows.append(
             {
-                "config": spec.name + (f", compiled ({compile_backend})" if compile_backend else ""),
+                "config": spec.name + (f", compiled ({compile_backend})" if compiled else ""),
                 "variant": v,
+                "compiled": compiled,
                 "step_ms": step_ms,
                 "step_ms_min": min(times.wall[v]),
                 "vs_peft_lora": step_ms / lora_ms,
@@ -91,6 +107,10 @@ def train_benchmark(
                 **memory[v],
             }
         )
+    uncompiled = {r["variant"].removesuffix(" uncompiled"): r["step_ms"] for r in rows if not r["compiled"]}
+    for row in rows:
+        if row["compiled"] and row["variant"] in uncompiled:
+            row["vs_uncompiled"] = row["step_ms"] / uncompiled[row["variant"]]
     return rows
 
 
@@ -145,6 +165,11 @@ def markdown_train(rows: list[dict[str, Any]]) -> str:
             f"{r['vs_peft_lora']:.3f} | {r['cpu_ms']:.1f} | {r['cpu_vs_peft_lora']:.3f} | "
             f"{r['saved_mib']:.2f} | {r['state_mib']:.3f} | {r['peak_mib']:.2f} |"
         )
+    lines += [
+        f"\n{r['variant']}: compiled / uncompiled step (medians) {r['vs_uncompiled']:.3f}"
+        for r in rows
+        if "vs_uncompiled" in r
+    ]
     return "\n".join(lines)
 
 
@@ -207,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile every variant")
     parser.add_argument(
+        "--with-uncompiled",
+        action="store_true",
+        help="with --compile: also run every variant uncompiled in the same rounds, to compare",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -221,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     specs, rounds, warmup, budget = _configuration(args, device)
     if "peft-lora" not in args.variants:
         parser.error("peft-lora is the reference; keep it in --variants")
+    if args.with_uncompiled and not args.compile:
+        parser.error(
+            "--with-uncompiled compares against --compile BACKEND; give a backend (e.g. --compile eager)"
+        )
 
     results: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -235,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inference": [],
     }
     for spec in specs:
-        rows = train_benchmark(spec, device, args.variants, rounds, warmup, budget, args.compile)
+        rows = train_benchmark(
+            spec, device, args.variants, rounds, warmup, budget, args.compile, args.with_uncompiled
+        )
         results["train"] += rows
         print(markdown_train(rows), flush=True)
         if not args.no_inference:
@@ -244,7 +280,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("\n" + markdown_inference(inf), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    first = [r for r in results["train"] if r["config"] == specs[0].name]
+    first = [
+        r
+        for r in results["train"]
+        if r["config"].startswith(specs[0].name) and r["compiled"] == bool(args.compile)
+    ]
     ours = next((r for r in first if r["variant"] == DEFAULT_VARIANT), None) or next(
         r for r in first if r["variant"].startswith("ours")
     )

@@ -33,3 +33,26 @@ def test_speed_quick_runs_and_reports(tmp_path):
     assert all(math.isfinite(v) and v >= 0 for v in inference["ms"].values())
     assert inference["fused_max_abs_diff"] < 1e-3  # merged and unmerged forwards agree
     assert float(lines[-1].split()[1]) == round(results["ratio"], 2)
+
+
+def test_speed_compiled_against_uncompiled_in_the_same_rounds(tmp_path):
+    """--compile BACKEND --with-uncompiled: every variant compiled and uncompiled, interleaved, compared."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--rounds", "1", "--warmup", "1"]
+    cmd += ["--batch", "1", "--latent", "8", "--no-inference", "--variants", "ours-paper", "peft-lora"]
+    cmd += ["--compile", "eager", "--with-uncompiled", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["train"]}
+    assert set(rows) == {"ours-paper", "peft-lora", "ours-paper uncompiled", "peft-lora uncompiled"}
+    for name in ("ours-paper", "peft-lora"):
+        compiled, eager = rows[name], rows[f"{name} uncompiled"]
+        assert compiled["compiled"] and not eager["compiled"]
+        assert compiled["vs_uncompiled"] == compiled["step_ms"] / eager["step_ms"]
+        assert math.isfinite(compiled["final_loss"]) and math.isfinite(eager["final_loss"])
+    assert rows["peft-lora uncompiled"]["vs_peft_lora"] == 1.0  # uncompiled rows against uncompiled LoRA
+    assert "ours-paper: compiled / uncompiled step" in proc.stdout
+    assert re.fullmatch(r"ratio: \d+\.\d\d", proc.stdout.strip().splitlines()[-1])
+
+    bad = subprocess.run(cmd[:2] + ["--quick", "--with-uncompiled"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--with-uncompiled compares against --compile" in bad.stderr
