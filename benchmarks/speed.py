@@ -10,7 +10,9 @@
 
 Training: each variant gets its own copy of the same random-init UNet, the same batch and AdamW; one round
 runs one forward + backward + optimizer step of every variant (order rotated per round), so machine noise hits
-all of them alike. Medians are reported; with --budget (45 s per section under --quick) rounds stop early on
+all of them alike. Medians are reported, and ``vs_peft_lora_paired``: the median over rounds of the step's
+ratio to PEFT LoRA's in the same round, which drift between rounds does not move
+(``benchmarks/pool_rounds.py`` pools it over runs); with --budget (45 s per section under --quick) rounds stop early on
 a loaded machine. Memory is described in :func:`_common.memory_report`.
 
 Inference (our adapter, paper init, perturbed so it is non-trivial): forward latency unfused (the hook's two
@@ -98,6 +100,9 @@ def train_benchmark(
                 "step_ms": step_ms,
                 "step_ms_min": min(times.wall[v]),
                 "vs_peft_lora": step_ms / lora_ms,
+                "vs_peft_lora_paired": C.median(
+                    [a / b for a, b in zip(times.wall[v], times.wall[reference], strict=True)]
+                ),
                 "cpu_ms": cpu_ms,
                 "cpu_vs_peft_lora": cpu_ms / lora_cpu,
                 "rounds": len(times.wall[v]),
