@@ -6,7 +6,7 @@ Between ``layer_costs.py`` (one adapted Linear, its parts timed) and ``speed.py 
 checkpointed): diffusers' ``BasicTransformerBlock`` (self- and cross-attention, GEGLU feed-forward), adapters
 on to_q/k/v/out as in speed.py, fp32, one thread. Each round runs forward + backward + AdamW of every variant
 (order rotated); the table gives CPU-time medians and the median over rounds of each variant's step over PEFT
-LoRA's in the same round.
+LoRA's in the same round. ``--checkpointing`` runs each block under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ from pathlib import Path
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
 class Blocks(nn.Module):
-    def __init__(self, dim: int, head_dim: int, text_dim: int, count: int) -> None:
+    def __init__(
+        self, dim: int, head_dim: int, text_dim: int, count: int, checkpointing: bool = False
+    ) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         heads = dim // head_dim
         self.blocks = nn.ModuleList(
             [BasicTransformerBlock(dim, heads, head_dim, cross_attention_dim=text_dim) for _ in range(count)]
@@ -36,13 +40,18 @@ class Blocks(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, encoder_hidden_states=text)
+            if self.checkpointing:  # as diffusers checkpoints a UNet's blocks: forward again in backward
+                x = checkpoint(lambda h, b=block: b(h, encoder_hidden_states=text), x, use_reentrant=False)
+            else:
+                x = block(x, encoder_hidden_states=text)
         return x
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    base = Blocks(args.dim, args.head_dim, args.text_dim, args.blocks).requires_grad_(False)
+    base = Blocks(args.dim, args.head_dim, args.text_dim, args.blocks, args.checkpointing).requires_grad_(
+        False
+    )
     x = torch.randn(1, args.tokens, args.dim, requires_grad=True)
     text = torch.randn(1, args.text_tokens, args.text_dim)
     runs = {}
@@ -89,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--text-tokens", type=int, default=77)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="checkpoint each block (SDXL's layout runs so)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(C.VARIANTS), choices=C.VARIANTS)
     args = parser.parse_args(argv)
     if "peft-lora" not in args.variants:

@@ -15,7 +15,9 @@ import block_costs  # noqa: E402
 
 def test_block_costs_reports_paired_ratios_for_every_variant(capsys):
     args = ["--blocks", "1", "--dim", "32", "--head-dim", "8", "--tokens", "4", "--text-dim", "16"]
-    result = block_costs.main(args + ["--text-tokens", "5", "--rank", "4", "--rounds", "2"])
+    result = block_costs.main(
+        args + ["--text-tokens", "5", "--rank", "4", "--rounds", "2", "--checkpointing"]
+    )
     assert set(result) == {"ours-paper", "ours-zero", "peft-lora", "peft-delora"}
     assert result["peft-lora"]["paired"] == 1.0
     assert all(math.isfinite(row["ms"]) and row["ms"] > 0 and row["paired"] > 0 for row in result.values())
