@@ -57,11 +57,22 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], dict[str, float
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
+    try:
+        pooled = paired_ratios(args.files)
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not speed.py's rows
+        parser.error(
+            f"not a speed.py --json output ({type(error).__name__}: {error}); pass the files --json wrote"
+        )
+    if not pooled:
+        parser.error(
+            "these runs have no uncompiled peft-lora rows to pair with (compiled rows are skipped); "
+            "pass speed.py runs made without --compile"
+        )
     summary = {}
     print(
         "| variant | over | rounds | median paired ratio | 95% interval |\n| --- | --- | ---: | ---: | --- |"
     )
-    for (variant, reference), ratios in paired_ratios(args.files).items():
+    for (variant, reference), ratios in pooled.items():
         low, high = bootstrap_interval(ratios)
         summary[(variant, reference)] = {"median": statistics.median(ratios), "low": low, "high": high}
         print(

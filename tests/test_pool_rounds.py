@@ -44,3 +44,17 @@ def test_a_missing_file_is_named(tmp_path, capsys):
         pool_rounds.main([str(tmp_path / "nowhere.json")])
     assert exit_info.value.code == 2
     assert "nowhere.json" in capsys.readouterr().err
+
+
+def test_files_that_are_not_uncompiled_speed_runs_are_refused(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        pool_rounds.main([str(other)])
+    assert "not a speed.py --json output" in capsys.readouterr().err
+    compiled_only = tmp_path / "compiled.json"
+    row = {"config": "c", "variant": "peft-lora", "compiled": True, "step_ms_all": [1.0]}
+    compiled_only.write_text(json.dumps({"train": [row]}))
+    with pytest.raises(SystemExit):
+        pool_rounds.main([str(compiled_only)])
+    assert "no uncompiled peft-lora rows" in capsys.readouterr().err
