@@ -1,7 +1,8 @@
 """Where the forward gets its per-rank scales: the per-layer cache, the batched refresh, the forward hook.
 
-The update of a layer is ``x (A diag(w))^T (B diag(s))^T`` (the paper init stacks A0, B0 after A, B), with
-per-rank scales ``s = lam * scale / (r |a_i| |b_i|)`` (:func:`delora_diffusion.functional.rank_scales`).
+The update of a layer is ``x (A diag(w))^T (B diag(s))^T`` (plus the paper init's frozen pair A0, B0, whose
+scales follow A, B's in s), with per-rank scales ``s = lam * scale / (r |a_i| |b_i|)``
+(:func:`delora_diffusion.functional.rank_scales`).
 Only s depends on lambda and the norms, so s (r or 2r numbers per layer) is all that is folded ahead and kept:
 the layer builds ``A diag(w)`` and ``B diag(s)`` transiently in its own forward and again in its backward
 (:class:`~delora_diffusion.update._DeLoRALinear`), so no adapter-sized copy lives across a training step.
@@ -53,8 +54,8 @@ class FastPathOptions:
     batched: bool = True
     """Compute all layers' scales in a few batched ops before the forward (False: each layer its own)."""
     recompute_hidden: bool = True
-    """Linear layers recompute the T x r hidden in backward instead of keeping it (the paper init's frozen
-    pair, where it runs on its own at few tokens, keeps its hidden either way: see ``update._DeLoRALinear``)."""
+    """Linear layers recompute the trainable T x r hidden in backward instead of keeping it (the paper init
+    keeps its frozen pair's hidden either way, as LoRA keeps its one: see ``update._DeLoRALinear``)."""
     stack_fold: bool | None = None
     """The batched fold stacks each group's A and B for their norms (None: on accelerators, not on a CPU)."""
 

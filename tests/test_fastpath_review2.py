@@ -98,6 +98,32 @@ def test_fp16_adapters_at_the_zero_init_add_nothing_while_training(keep_hidden):
     assert model[0].delora["default"].delora_lambda.grad.item() == 0.0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("tokens", [40, 8])  # s folded into B in forward (more tokens than outputs) or not
+def test_bf16_at_the_zero_init_scales_the_hidden_safely(autocast, tokens):
+    """bf16 has fp32's range, so s (huge at the zero init) scales the T x r hidden in bf16 (bf16 weights, or
+    bf16 autocast over fp32 adapters): the update is exactly 0 with B = 0, lambda's gradient exactly 0 and
+    B's finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    if not autocast:
+        model = model.bfloat16()
+    dtype = "float32" if autocast else "bfloat16"
+    config = dd.DeLoRAConfig(rank=4, init="zero", target_modules=["0"], lambda_init=8.0, dtype=dtype)
+    dd.inject_delora(model, config)
+    x = 10 * torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1))
+    x = x if autocast else x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            base = nn.functional.linear(x, model[0].weight, model[0].bias)
+        y = model(x)
+    assert torch.equal(y, base)
+    y.float().sum().backward()
+    adapter = model[0].delora["default"]
+    assert adapter.delora_lambda.grad.item() == 0.0
+    assert torch.isfinite(adapter.delora_B.grad).all() and adapter.delora_B.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("init", ["paper", "zero"])
 @pytest.mark.parametrize("tokens", [9, 1])  # w on A (more tokens than ranks) or on x (fewer)
 def test_a_non_contiguous_linear_input_trains_like_the_dense_reference(init, tokens):

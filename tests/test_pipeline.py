@@ -189,7 +189,9 @@ def test_t5_encoder_adapter_round_trip(pipeline_dir, tmp_path):
     fresh = tp.load_pipeline(pipeline_dir("flux"))
     fresh.load_delora_weights(tmp_path)
     assert fresh.get_list_delora_adapters() == {"text_encoder_2": ["default"]}
-    torch.testing.assert_close(fresh.text_encoder_2(ids)[0], adapted, atol=EXACT, rtol=0)
+    # The fresh pipeline folds its scales without gradients, the trained one with: a few float32 ulps at
+    # T5's output scale (about 1.6), so relative to it as well.
+    torch.testing.assert_close(fresh.text_encoder_2(ids)[0], adapted, atol=EXACT, rtol=EXACT)
     assert (adapted - base).abs().max() > 1e-3
 
 
