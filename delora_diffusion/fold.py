@@ -55,10 +55,12 @@ class FoldGroup(torch.autograd.Function):
             ctx.kept = None
         else:
             ctx.kept, ctx.versions = kept, [p._version for p in params]
+        # (lam * scale) * (1 / (r |a| |b|)), as functional.rank_one_scales: the frozen ranks' lam * scale * u0
+        # are then the exact negatives of these at the paper init's start.
         scales = (
             lam
             * scale_t
-            / (rank * a_raw.clamp_min(functional.NORM_EPS) * b_raw.clamp_min(functional.NORM_EPS))
+            * (1.0 / (rank * a_raw.clamp_min(functional.NORM_EPS) * b_raw.clamp_min(functional.NORM_EPS)))
         )
         if frozen_unit is None:
             return scales
@@ -77,10 +79,12 @@ class FoldGroup(torch.autograd.Function):
                 "backward; call backward before the optimizer step."
             )
         a_norm, b_norm = a_raw.clamp_min(functional.NORM_EPS), b_raw.clamp_min(functional.NORM_EPS)
-        unit = scale / (r * a_norm * b_norm)  # d s / d lam
-        rank_scales = lam * unit
+        inverse = 1.0 / (r * a_norm * b_norm)  # d s / d lam, up to scale: the frozen ranks' is frozen_unit
+        rank_scales = lam * scale * inverse
         g = grad_s[..., :r]
-        grad_lam = (g * unit).sum(dim=-1, keepdim=True)
+        # scale applied after each sum: at the paper init's start (frozen_unit = -inverse, the frozen ranks'
+        # gradient equal to the trainable ones') the two terms cancel exactly, whatever the scale.
+        grad_lam = (g * inverse).sum(dim=-1, keepdim=True) * scale
         if frozen_unit is not None:
             grad_lam = grad_lam + (grad_s[..., r:] * frozen_unit).sum(dim=-1, keepdim=True) * scale
         if inside is not None:

@@ -33,11 +33,13 @@ def rank_one_scales(
     """lam * scale / (r |a_i| |b_i|) for each rank-1 term; batched over any leading dims.
 
     A is (..., r, in) and B is (..., out, r); lam broadcasts against (..., r) (shape (..., 1)). `scale` is
-    the run-time multiplier of lambda (the slider times the adapter weight).
+    the run-time multiplier of lambda (the slider times the adapter weight). Written as ``(lam * scale) *
+    (1 / (r |a| |b|))``, the form the paper init's frozen scales take (:func:`frozen_unit_scales`): at its start
+    (A = A0, B = B0) the two are then exact negatives and the update exactly 0.
     """
     a_norm = A.norm(dim=-1).clamp_min(NORM_EPS)
     b_norm = B.norm(dim=-2).clamp_min(NORM_EPS)
-    return lam * scale / (rank * a_norm * b_norm)
+    return lam * scale * (1.0 / (rank * a_norm * b_norm))
 
 
 def frozen_pair_factors(

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
 from .layers import DeLoRALayer
 
 
@@ -86,7 +85,8 @@ class _DeLoRALinear(torch.autograd.Function):
     @staticmethod
     def _sides(x, s, A, B, A0, dtype) -> tuple[bool, bool]:
         """(w scales x, s scales the hidden in forward): each only where that side is smaller (fewer tokens
-        than ranks, resp. outputs) and safe (``_s_safe``); the one place forward and backward decide it."""
+        than ranks, resp. outputs) and safe (``_s_safe``). Backward reads w's side from ctx and takes s on the
+        hidden wherever it is safe."""
         tokens = x.numel() // x.shape[-1]
         w_on_x = A.dtype == dtype and tokens < A.shape[0] * (1 if A0 is None else 2)
         return w_on_x, _DeLoRALinear._s_safe(s, dtype) and tokens < B.shape[0]
@@ -144,8 +144,10 @@ class _DeLoRALinear(torch.autograd.Function):
         grad_x = grad_s = grad_A = grad_B = None
         if needs[0]:
             grad_x = grad_hidden[0].mm(downs[0])
-            if paper:
-                grad_x = grad_x.addmm_(grad_hidden[1], downs[1])
+            if (
+                paper
+            ):  # a separate product, not addmm_: exactly -grad_x's first term at the paper init's start
+                grad_x = grad_x.add_(grad_hidden[1].mm(downs[1]))
             grad_x = (grad_x.mul_(w) if w_on_x else grad_x).reshape(x.shape)
             grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         if needs[2]:
@@ -153,8 +155,8 @@ class _DeLoRALinear(torch.autograd.Function):
             grad_A = grad_A if grad_A.dtype == A.dtype else grad_A.to(A.dtype)
             grad_A = grad_A if w_on_x else grad_A.mul_(w)
         if needs[1] or needs[3]:
-            hiddens = [
-                x2.mm(down.t()) if h is None else h.reshape(-1, h.shape[-1])
+            hiddens = [  # remade by the forward's own op, so bitwise equal to the kept frozen one at the start
+                (F.linear(x_in, down) if h is None else h).reshape(-1, down.shape[0])
                 for h, down in zip(kept, downs, strict=False)
             ]
             if s_safe:
@@ -177,8 +179,7 @@ class _DeLoRALinear(torch.autograd.Function):
 
 class _DeLoRAConv2d(torch.autograd.Function):
     """The Conv2d form of :class:`_DeLoRALinear`: per pair, a kh x kw conv into the ranks with ``A diag(w)``,
-    then a 1x1 conv out with ``B diag(s)`` (s folded into B in the parameters' dtype, as for half compute
-    there). The paper init's two pairs run as separate, same-shaped convs, so that at its start the update
+    then a 1x1 conv out with ``B diag(s)`` (s always folded into B, in the parameters' dtype). The paper init's two pairs run as separate, same-shaped convs, so that at its start the update
     and lambda's gradient are exactly 0 (see :class:`_DeLoRALinear`). The factors are made in forward and
     again in backward, never saved: backward keeps x and the paper init's frozen hidden (the trainable one
     too with `keep_hidden`), as LoRA keeps x and its hidden. Zero padding given as numbers, one group, a
@@ -296,8 +297,14 @@ def apply_update(
             return _DeLoRALinear.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden)
         if _plain_conv(base) and x.dim() == 4:  # batched: torch.nn.grad's helpers take no unbatched input
             return _DeLoRAConv2d.apply(x, s, A, B, w, A0, B0, dtype, not recompute_hidden, base)
-    A_f, B_f = (t.to(dtype) for t in functional.scaled_factors(A, B, w, s, A0, B0))
-    if conv:
-        hidden = base._conv_forward(x, A_f.reshape(A_f.shape[0], *base.weight.shape[1:]), None)
-        return F.conv2d(hidden, B_f[:, :, None, None])
-    return F.linear(F.linear(x, A_f), B_f)
+    out = None
+    pairs = ((A, B, s),) if A0 is None else ((A, B, s[: A.shape[0]]), (A0, B0, s[A.shape[0] :]))
+    for a, b, scales in pairs:  # one pair at a time, as in training: exact 0 at the paper init's start
+        A_f, B_f = (a * w).to(dtype), (b * scales).to(dtype)
+        if conv:
+            hidden = base._conv_forward(x, A_f.reshape(A_f.shape[0], *base.weight.shape[1:]), None)
+            term = F.conv2d(hidden, B_f[:, :, None, None])
+        else:
+            term = F.linear(F.linear(x, A_f), B_f)
+        out = term if out is None else out + term
+    return out
