@@ -144,10 +144,8 @@ class _DeLoRALinear(torch.autograd.Function):
         grad_x = grad_s = grad_A = grad_B = None
         if needs[0]:
             grad_x = grad_hidden[0].mm(downs[0])
-            if (
-                paper
-            ):  # a separate product, not addmm_: exactly -grad_x's first term at the paper init's start
-                grad_x = grad_x.add_(grad_hidden[1].mm(downs[1]))
+            if paper:  # addmm_: not bitwise 0 at the start, nor needs to be (both pairs see the same grad)
+                grad_x = grad_x.addmm_(grad_hidden[1], downs[1])
             grad_x = (grad_x.mul_(w) if w_on_x else grad_x).reshape(x.shape)
             grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         if needs[2]:
@@ -161,7 +159,9 @@ class _DeLoRALinear(torch.autograd.Function):
             ]
             if s_safe:
                 if needs[1]:
-                    grad_s = torch.cat([(g * h).sum(0) for g, h in zip(grad_scaled, hiddens, strict=True)])
+                    grad_s = (grad_scaled[0] * hiddens[0]).sum(0)
+                    if paper:
+                        grad_s = torch.cat((grad_s, (grad_scaled[1] * hiddens[1]).sum(0)))
                     grad_s = grad_s if grad_s.dtype == s.dtype else grad_s.to(s.dtype)
                 if needs[3]:
                     grad_B = g2.t().mm(hiddens[0] * parts[0])
