@@ -54,8 +54,8 @@ class FastPathOptions:
     batched: bool = True
     """Compute all layers' scales in a few batched ops before the forward (False: each layer its own)."""
     recompute_hidden: bool = True
-    """Linear layers recompute the trainable T x r hidden in backward instead of keeping it (the paper init
-    keeps its frozen pair's hidden either way, as LoRA keeps its one: see ``update._DeLoRALinear``)."""
+    """Linear layers recompute the T x r hidden in backward instead of keeping it (the paper init's frozen
+    pair, where it runs on its own at few tokens, keeps its hidden either way: see ``update._DeLoRALinear``)."""
     stack_fold: bool | None = None
     """The batched fold stacks each group's A and B for their norms (None: on accelerators, not on a CPU)."""
 
