@@ -41,16 +41,29 @@ SHAPES = [
 
 def load_revision(revision: str) -> types.ModuleType:
     """``delora_diffusion/update.py`` as it was at `revision`, as a module importing the installed package."""
-    proc = subprocess.run(
-        ["git", "show", f"{revision}:delora_diffusion/update.py"], capture_output=True, text=True, cwd=ROOT
-    )
+    try:
+        proc = subprocess.run(
+            ["git", "show", f"{revision}:delora_diffusion/update.py"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+    except FileNotFoundError:
+        raise SystemExit(
+            "update_ab.py needs git and a git checkout of this project (a clone, not a wheel)."
+        ) from None
     if proc.returncode != 0:
         raise SystemExit(f"update_ab.py: cannot read update.py at {revision!r}: {proc.stderr.strip()}")
     source = proc.stdout.replace("from . import", "from delora_diffusion import").replace(
         "from .layers import", "from delora_diffusion.layers import"
     )
     module = types.ModuleType(f"update_at_{revision}")
-    exec(compile(source, f"{revision}:delora_diffusion/update.py", "exec"), module.__dict__)
+    try:
+        exec(compile(source, f"{revision}:delora_diffusion/update.py", "exec"), module.__dict__)
+    except ImportError as error:  # it needs a name the installed package no longer has
+        raise SystemExit(
+            f"update_ab.py: update.py at {revision!r} does not run with this tree: {error}"
+        ) from None
     return module
 
 

@@ -71,7 +71,7 @@ def test_the_layer_update_matches_autograd_through_the_transient_factors(
     """update._DeLoRALinear (factors made again in backward) gives autograd's values and gradients (float64
     reference), with w applied to A (at least as many tokens as ranks) or to x (fewer, parameters in the
     compute dtype), and s on the hidden (fewer tokens than outputs, where s is safe there: not fp16, compute
-    in s's dtype or bf16) or folded into B; backward takes s on the hidden wherever that is safe.
+    in s's dtype or bf16) or folded into B; backward puts s where forward did.
     Rank 3 (6 with the frozen pair): 14 tokens take A and B, 2 take x and the hidden, 3 take A and the hidden
     (zero init), 5 take x and B (paper init), 7 of 8 outputs take A and the hidden (paper init)."""
     param_dtype, compute = dtypes

@@ -21,6 +21,7 @@ def test_a_revision_runs_next_to_this_tree(init, capsys):
     assert "| 16 → 12, 40 (no x grad) |" in capsys.readouterr().out
 
 
-def test_an_unknown_revision_is_refused_with_its_name(capsys):
-    with pytest.raises(SystemExit, match="no-such-rev"):
-        update_ab.main(["--against", "no-such-rev", "--quick"])
+@pytest.mark.parametrize("revision", ["no-such-rev", "fc05e68^"])  # unknown; older than update.py
+def test_a_revision_without_an_update_is_refused_with_its_name(revision):
+    with pytest.raises(SystemExit, match="cannot read update.py at .*" + revision.replace("^", r"\^")):
+        update_ab.main(["--against", revision, "--quick"])
