@@ -180,8 +180,9 @@ def build_unet(spec: UNetSpec, device: torch.device, seed: int = 0) -> nn.Module
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**spec.unet)
-    return unet.to(device=device, dtype=spec.dtype).requires_grad_(False)
+    with torch.device(device):  # a GPU's random init is instant; SDXL's 2.6 B parameters take a CPU tens of s
+        unet = UNet2DConditionModel(**spec.unet)
+    return unet.to(dtype=spec.dtype).requires_grad_(False)
 
 
 def make_batch(spec: UNetSpec, device: torch.device, seed: int = 0) -> dict[str, Any]:

@@ -8,11 +8,18 @@ skipped here. The full ``--smoke`` runs every section in about 3 minutes on 2 co
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import device_suite  # noqa: E402
 
 
 def test_device_suite_smoke(tmp_path):
@@ -29,3 +36,46 @@ def test_device_suite_smoke(tmp_path):
     assert sections["inference"]["result"]["fused_max_abs_diff"] < 1e-3
     assert sections["train_sd15"]["result"]["adapter_mib"] > 0
     assert "device suite ok" in (tmp_path / "device_suite.log").read_text()
+
+
+def test_a_section_past_the_budget_is_stopped_and_the_rest_skipped(tmp_path, monkeypatch):
+    """The device's minutes are few: a section still running when the budget ends is stopped, later ones are
+    skipped, the JSON says which, and the last line does not say ok."""
+    monkeypatch.setattr(device_suite, "MIN_SECTION_S", 0.5)
+    suite = device_suite.Suite(tmp_path, budget=1.5)
+    suite.section("quick", lambda: {"value": 1})
+    start = time.perf_counter()
+    suite.section("slow", lambda: time.sleep(30))
+    assert time.perf_counter() - start < 5
+    suite.section("later", lambda: pytest.fail("a section with no time left ran"))
+    sections = json.loads((tmp_path / "device_suite.json").read_text())["sections"]
+    assert sections["quick"]["ok"] and sections["quick"]["result"] == {"value": 1}
+    assert not sections["slow"]["ok"] and sections["slow"]["over_budget"]
+    assert sections["later"] == {"ok": False, "skipped": True, "seconds": 0.0}
+    assert suite.summary() == "device suite FAILED: failed or stopped: slow; skipped for time: later"
+
+
+def test_a_stopped_training_run_takes_its_children_with_it(tmp_path):
+    """accelerate launch runs the script as a child: stopping the launcher alone would leave the script
+    holding the GPU while the next sections run."""
+    pid_file = tmp_path / "child.pid"
+    command = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    start = time.perf_counter()
+    with pytest.raises(device_suite.OverBudget):
+        device_suite._within(1.0, lambda: device_suite._run_killable(command, dict(os.environ)))
+    assert time.perf_counter() - start < 10, "the stopped run waited for its child to finish"
+    child = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the training run's child {child} still runs")
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(SystemExit):
+        device_suite.main(["--smoke", "--budget", "0"])
