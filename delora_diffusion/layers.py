@@ -212,12 +212,13 @@ class DeLoRAContainer(nn.ModuleDict):
 
 
 # --- merging: the frozen weight is always rebuilt from its pristine copy ------------------------------------
-def _rebuild_weight(base: nn.Module) -> None:
+def rebuild_weight(base: nn.Module) -> None:
     """weight = pristine + sum of the merged adapters' dW, or exactly pristine when none is merged.
 
     Rebuilding from the pristine copy (instead of adding and subtracting dW in place) is what makes any
     number of merges, unmerges and scale changes of a merged model give the very same weights as one fresh
-    merge, in every dtype. The cost is one copy of each merged layer's weight while it is merged.
+    merge, in every dtype. The cost is one copy of each merged layer's weight while it is merged. Nothing is
+    written unless the result is finite.
     """
     container: DeLoRAContainer = base._modules["delora"]
     merged = [a for a in container.values() if a.merged]
@@ -229,10 +230,13 @@ def _rebuild_weight(base: nn.Module) -> None:
                 container.pristine_weight = None
             return
         pristine = container.pristine_weight if container.pristine_weight is not None else weight.detach()
-        total = pristine.float().clone()
+        total = (
+            None  # dW + pristine in fp32, in dW's own buffer (the same sums as pristine + dW, one copy fewer)
+        )
         for adapter in merged:
-            total += adapter.delta_weight().reshape(weight.shape)
-        if not torch.isfinite(total).all():
+            delta = adapter.delta_weight().reshape(weight.shape)
+            total = delta.add_(pristine) if total is None else total.add_(delta)
+        if not _all_finite(total):
             raise ValueError(
                 "Merging this DeLoRA adapter produces non-finite weights; the adapter is broken."
             )
@@ -241,13 +245,19 @@ def _rebuild_weight(base: nn.Module) -> None:
         weight.copy_(total.to(weight.dtype))
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """isfinite(t).all(), from one summing pass when the sum is finite (a NaN or inf makes it not); the
+    elementwise check (several passes on a CPU) only decides when the sum itself overflowed."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def merge_adapter(base: nn.Module, adapter: DeLoRALayer) -> None:
     """Add dW into the frozen weight (in its dtype); the hook then skips this adapter."""
     if adapter.merged:
         return
     adapter.merged = True
     try:
-        _rebuild_weight(base)
+        rebuild_weight(base)
     except BaseException:
         adapter.merged = False
         raise
@@ -258,4 +268,4 @@ def unmerge_adapter(base: nn.Module, adapter: DeLoRALayer) -> None:
     if not adapter.merged:
         return
     adapter.merged = False
-    _rebuild_weight(base)
+    rebuild_weight(base)

@@ -12,7 +12,7 @@ from torch import nn
 from . import fastpath, functional
 from .config import DeLoRAConfig
 from .fastpath import attach, detach
-from .layers import DeLoRAContainer, DeLoRALayer, merge_adapter, unmerge_adapter
+from .layers import DeLoRAContainer, DeLoRALayer, merge_adapter, rebuild_weight, unmerge_adapter
 from .targets import find_targets
 from .util import DTYPES, check_adapter_name, finite_number
 
@@ -148,15 +148,19 @@ def unmerge_delora(model: nn.Module) -> nn.Module:
 def _set_run_scale(
     layer: nn.Module, adapter: DeLoRALayer, scale: float | None = None, adapter_weight: float | None = None
 ) -> None:
-    """Change a run-time scale; a merged adapter is re-merged (from the pristine weight) so the weights follow."""
-    was_merged = adapter.merged
-    unmerge_adapter(layer, adapter)
+    """Change a run-time scale; a merged adapter's weight is rebuilt once from the pristine copy, so the weights
+    follow (as a fresh merge at the new scale, bit for bit). If that fails, the old scale stays."""
+    before = adapter.scale, adapter.adapter_weight
     if scale is not None:
         adapter.scale = scale
     if adapter_weight is not None:
         adapter.adapter_weight = adapter_weight
-    if was_merged:
-        merge_adapter(layer, adapter)
+    if adapter.merged:
+        try:
+            rebuild_weight(layer)
+        except BaseException:
+            adapter.scale, adapter.adapter_weight = before
+            raise
 
 
 def set_delora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> nn.Module:

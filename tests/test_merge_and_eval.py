@@ -82,3 +82,29 @@ def test_a_loaded_adapter_trained_with_module_dropout_is_deterministic(tmp_path,
     fresh.unet.eval()
     dd.inject_delora(fresh.unet, config, "new")
     assert all(not a.training for *_, a in dd.iter_delora_layers(fresh.unet, "new"))
+
+
+def test_a_scale_change_that_would_overflow_a_fused_model_leaves_it_as_it_was():
+    """The fused weight is rebuilt once per scale change; a scale whose dW is not finite is refused before
+    anything is written, and the old scale stays (the weights and the scale keep agreeing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    dd.inject_delora(model, dd.DeLoRAConfig(rank=2, target_modules=["0", "1"]))
+    with torch.no_grad():
+        for *_, a in dd.iter_delora_layers(model):
+            a.delora_B.add_(torch.randn_like(a.delora_B))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    dd.merge_delora(model)
+    dd.set_delora_scale(model, 0.5)
+    fused = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(fused[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match="non-finite"):
+        dd.set_delora_scale(model, 1e38)
+    assert dd.get_delora_scale(model) == 0.5
+    assert_bit_equal(fused, model.state_dict())
+    dd.set_delora_scale(model, 0.7)  # it still follows scale changes: as one fresh merge at 0.7
+    at_07 = {k: v.clone() for k, v in model.state_dict().items()}
+    dd.unmerge_delora(model)
+    assert_bit_equal(base, model.state_dict())
+    dd.merge_delora(model)
+    assert_bit_equal(at_07, model.state_dict())
