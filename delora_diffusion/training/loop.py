@@ -343,7 +343,32 @@ def make_optimizer(
     if args.use_8bit_adam:
         bnb = require("bitsandbytes", "--use_8bit_adam")
         return bnb.optim.AdamW8bit(groups, betas=betas, eps=args.adam_epsilon)
-    return torch.optim.AdamW(groups, betas=betas, eps=args.adam_epsilon)
+    return fused_adamw(groups, betas=betas, eps=args.adam_epsilon)
+
+
+def fused_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one for every parameter (CPU, CUDA, ...), else the default.
+
+    An adapter is ~3 small tensors per layer (A, B, lambda), so the step is overhead-bound: the default runs a
+    Python loop over them on a CPU (the bundled model's 210 tensors: 18 ms of a ~115 ms step) and several
+    multi-tensor launches on a GPU; the fused kernel takes 2.8 ms there. The update is the same elementwise
+    AdamW."""
+    params = [p for group in groups for p in group["params"]]
+    return torch.optim.AdamW(groups, fused=True if _fused_kernel_for(params) else None, **kwargs)
+
+
+def _fused_kernel_for(params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter: a plain floating-point tensor on a device
+    it lists (torch checks only at the first step). Tensor subclasses (DTensor, ...) take the default."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the list: keep its default
+        return False
+    devices = _get_fused_kernels_supported_devices()
+    return all(
+        type(p) in (torch.Tensor, nn.Parameter) and p.device.type in devices and p.is_floating_point()
+        for p in params
+    )
 
 
 def build_optimizer(run: Run) -> None:

@@ -1,0 +1,62 @@
+"""The training script's AdamW: torch's fused kernel where every parameter has one, the default otherwise."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+import delora_diffusion as dd
+from delora_diffusion.training import loop
+from delora_diffusion.training.args import parse_args
+
+
+def _adapted() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8)).requires_grad_(False)
+    return dd.inject_delora(model, dd.DeLoRAConfig(rank=4, target_modules=["0", "2"]))
+
+
+def _train(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 5) -> None:
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_scripts_adamw_is_fused_on_a_cpu_and_keeps_its_groups():
+    args = parse_args(["--adam_weight_decay", "0.1", "--delora_lambda_lr", "3e-3"])
+    model = _adapted()
+    family = types.SimpleNamespace(denoiser="unet")
+    opt = loop.make_optimizer(args, family, {"unet": model})
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["delora_lambda"]["lr"] == 3e-3 and by_name["delora_lambda"]["weight_decay"] == 0.0
+    assert {g["weight_decay"] for n, g in by_name.items() if n != "delora_lambda"} == {0.1}
+
+
+def test_fused_and_the_plain_loop_take_the_same_steps():
+    fused_model, plain_model = _adapted(), _adapted()
+    groups = lambda m: [{"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": 0.1}]  # noqa: E731
+    fused = loop.fused_adamw(groups(fused_model), lr=1e-2)
+    plain = torch.optim.AdamW(groups(plain_model), lr=1e-2, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    _train(fused, fused_model)
+    _train(plain, plain_model)
+    for (name, a), b in zip(fused_model.state_dict().items(), plain_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(fused_model.state_dict().values(), _adapted().state_dict().values())
+    )  # the steps moved something
+
+
+def test_without_a_fused_kernel_it_takes_torchs_default_with_the_same_groups():
+    on_meta = nn.Parameter(torch.empty(3, device="meta"))  # no fused kernel for the meta device
+    complex_ = nn.Parameter(torch.zeros(3, dtype=torch.complex64))  # nor for complex numbers
+    for param in (on_meta, complex_):
+        opt = loop.fused_adamw([{"params": [param], "lr": 5e-4, "name": "x"}], betas=(0.8, 0.9))
+        assert not opt.defaults["fused"]
+        assert opt.param_groups[0]["lr"] == 5e-4 and opt.param_groups[0]["betas"] == (0.8, 0.9)
