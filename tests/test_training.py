@@ -374,6 +374,12 @@ def test_bad_inputs_give_clear_errors(models, instance_dir, tmp_path, capsys):
             "--extra_validation_prompts",
             "a",
         ],
+        "--num_validation_images must be 0 (no validation images) or more": [
+            "--instance_data_dir",
+            str(instance_dir),
+            "--num_validation_images",
+            "-1",
+        ],
         "--delora_relative_bound: DeLoRAConfig.relative_bound must be": [
             "--instance_data_dir",
             str(instance_dir),
@@ -456,6 +462,17 @@ def hub_cache_with(model_dir: Path, cache: Path, repo_id: str) -> None:
     shutil.copytree(model_dir, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
+
+
+def test_no_validation_images_means_no_validation(models, instance_dir, tmp_path, capsys):
+    """--num_validation_images 0 (diffusers' scripts then make no image): training ends well, with the adapter
+    and no validation folder; it used to crash in the pipeline after saving."""
+    out = tmp_path / "out"
+    argv = [*common(models["sd"], instance_dir, out, "sd"), "--max_train_steps", "2", *validation_flags()]
+    argv[argv.index("--num_validation_images") + 1] = "0"
+    code, err = run_main([*argv, "--validation_steps", "1"], capsys)
+    assert code == 0, err[-3000:]
+    assert (out / "delora_weights.safetensors").is_file() and not (out / "validation").exists()
 
 
 def test_hub_id_gradient_checkpointing_validation_steps_fp16(models, instance_dir, tmp_path):

@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None)
-    g.add_argument("--num_validation_images", type=int, default=None)
+    g.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=None,
+        help="Images per validation (0: no validation images).",
+    )
     g.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps.")
     g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs.")
     g.add_argument("--validation_inference_steps", type=int, default=None)

@@ -51,6 +51,10 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs", "rank"):
         if getattr(args, flag) < 1:
             raise TrainingConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.num_validation_images < 0:
+        raise TrainingConfigError(
+            f"--num_validation_images must be 0 (no validation images) or more, got {args.num_validation_images}."
+        )
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingConfigError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

@@ -67,6 +67,8 @@ def validate(run: Run, name: str, step: int, sweep: bool = False) -> dict[str, P
     """Validation images from the main process (every process generates under FSDP; only the main one writes)."""
     accelerator = run.accelerator
     main = accelerator.is_main_process
+    if run.args.num_validation_images == 0:  # as in diffusers' scripts, whose loop then makes no image
+        return {}
     if not (main or distributed.runs_on_every_process(accelerator)):
         return {}
     models = list(run.adapted.values())
