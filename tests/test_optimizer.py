@@ -60,3 +60,34 @@ def test_without_a_fused_kernel_it_takes_torchs_default_with_the_same_groups():
         opt = loop.fused_adamw([{"params": [param], "lr": 5e-4, "name": "x"}], betas=(0.8, 0.9))
         assert not opt.defaults["fused"]
         assert opt.param_groups[0]["lr"] == 5e-4 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_a_fused_step_moves_the_version_counters_the_fast_path_reads():
+    """torch's fused kernel leaves version counters alone; the fast path's caches, lambda's projection into its
+    relative bound and the fold's in-place check all key on them (a two-process run saved a lambda the
+    projection had skipped)."""
+    model = _adapted()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = loop.fused_adamw([{"params": params}], lr=1e-2)
+    model(torch.randn(4, 16)).square().mean().backward()
+    before = [p._version for p in params]
+    opt.step()
+    assert all(p._version > v for p, v in zip(params, before, strict=True))
+
+
+def test_lambda_stays_inside_its_relative_bound_under_the_fused_step():
+    from delora_diffusion.fastpath import project_lambdas
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8)).requires_grad_(False)
+    dd.inject_delora(model, dd.DeLoRAConfig(rank=4, target_modules=["0", "2"], relative_bound=0.3))
+    layers = [a for *_, a in dd.iter_delora_layers(model)]
+    opt = loop.fused_adamw([{"params": [p for p in model.parameters() if p.requires_grad]}], lr=0.5)
+    x = torch.randn(32, 16)
+    for _ in range(3):
+        (-model(x).square().mean()).backward()  # pushes every lambda outward, past its limit
+        opt.step()
+        project_lambdas(layers)
+        opt.zero_grad()
+        for a in layers:
+            assert abs(a.delora_lambda.item()) <= a.lambda_max + 1e-6

@@ -354,7 +354,21 @@ def fused_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Adam
     multi-tensor launches on a GPU; the fused kernel takes 2.8 ms there. The update is the same elementwise
     AdamW."""
     params = [p for group in groups for p in group["params"]]
-    return torch.optim.AdamW(groups, fused=True if _fused_kernel_for(params) else None, **kwargs)
+    if not _fused_kernel_for(params):
+        return torch.optim.AdamW(groups, **kwargs)
+    optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
+    optimizer.register_step_post_hook(_mark_parameters_written)
+    return optimizer
+
+
+def _mark_parameters_written(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """The fused kernel writes the parameters without moving their version counters (the plain loop and the
+    foreach ops move them). Everything that asks "was this parameter written since?" reads them: the fast
+    path's cached scales, lambda's projection into its bound (a skipped projection left lambda outside it),
+    the fold's check against a step between forward and backward. So move them here, after every step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            torch.autograd.graph.increment_version(param)
 
 
 def _fused_kernel_for(params: list[torch.Tensor]) -> bool:
