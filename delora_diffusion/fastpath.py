@@ -11,7 +11,9 @@ All cache logic lives here. Each :class:`~delora_diffusion.layers.DeLoRALayer` m
 plus the *stamp* they were computed under. They go stale when any of their inputs changes:
 
 - an optimizer step or any in-place write to A, B or lambda (their ``_version`` counters move), or a new
-  tensor put in their place (``data_ptr`` moves);
+  tensor put in their place (``data_ptr`` moves). Optimizers that write without moving the counters (torch's
+  fused kernels; bitsandbytes and prodigyopt, which write ``p.data``) get them moved after every step by a
+  hook common to all optimizers (:func:`_versions_after_step`);
 - a write to the frozen w / A0 / B0 (e.g. ``load_state_dict``; the sum of their versions moves);
 - a change of the run-time scale (``set_delora_scale``, adapter weights).
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import functional
 from .fold import FoldGroup
@@ -91,6 +94,25 @@ def structure_changed() -> None:
 
 
 # --- the per-layer cache ----------------------------------------------------------------------------------------
+def _versions_after_step(optimizer: torch.optim.Optimizer, *_: object) -> None:
+    """Move the version counters of an optimizer's parameters after its step, where its step may not have.
+
+    The caches here, lambda's projection into its bound and the fold's check against a step between forward
+    and backward all ask "was this parameter written since?" through ``_version``. torch.optim's own loops and
+    foreach ops move it; its fused kernels do not, nor do optimizers that write ``p.data`` (bitsandbytes,
+    prodigyopt): after their steps a cached no-grad forward (validation) reused the scales of before, and a
+    projection was skipped. So for every optimizer but torch's unfused ones, every parameter's counter moves.
+    """
+    if type(optimizer).__module__.startswith("torch.optim.") and not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            torch.autograd.graph.increment_version(param)
+
+
+register_optimizer_step_post_hook(_versions_after_step)
+
+
 def _stamp(layer: DeLoRALayer) -> tuple:
     """Everything the cached scales depend on (see the module docstring for when they go stale).
 

@@ -1,13 +1,16 @@
-"""The training script's AdamW: torch's fused kernel where every parameter has one, the default otherwise."""
+"""The training script's AdamW (torch's fused kernel where every parameter has one, the default otherwise), and
+optimizers that write parameters without moving their version counters, which the fast path keys on."""
 
 from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from torch import nn
 
 import delora_diffusion as dd
+from delora_diffusion import fastpath
 from delora_diffusion.training import loop
 from delora_diffusion.training.args import parse_args
 
@@ -91,3 +94,37 @@ def test_lambda_stays_inside_its_relative_bound_under_the_fused_step():
         opt.zero_grad()
         for a in layers:
             assert abs(a.delora_lambda.item()) <= a.lambda_max + 1e-6
+
+
+class DataSGD(torch.optim.Optimizer):
+    """Writes through ``p.data``, as prodigyopt and bitsandbytes do: no version counter moves."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("make", ["fused AdamW", "p.data writer"])
+def test_a_no_grad_forward_after_a_step_sees_the_new_weights(make):
+    """Validation between backward and the step caches no-grad scales; after a step of an optimizer that leaves
+    version counters alone, the next no-grad forward reused them (images from the weights of before)."""
+    model = _adapted()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05, fused=True) if make == "fused AdamW" else DataSGD(params, lr=0.5)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        model(x).square().mean().backward()
+        with torch.no_grad():
+            model(x)  # validation before the step: caches the scales
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            seen = model(x)
+            for *_, a in dd.iter_delora_layers(model):
+                fastpath.clear_cache(a)
+            assert torch.equal(seen, model(x))

@@ -354,21 +354,9 @@ def fused_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Adam
     multi-tensor launches on a GPU; the fused kernel takes 2.8 ms there. The update is the same elementwise
     AdamW."""
     params = [p for group in groups for p in group["params"]]
-    if not _fused_kernel_for(params):
-        return torch.optim.AdamW(groups, **kwargs)
-    optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
-    optimizer.register_step_post_hook(_mark_parameters_written)
-    return optimizer
-
-
-def _mark_parameters_written(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """The fused kernel writes the parameters without moving their version counters (the plain loop and the
-    foreach ops move them). Everything that asks "was this parameter written since?" reads them: the fast
-    path's cached scales, lambda's projection into its bound (a skipped projection left lambda outside it),
-    the fold's check against a step between forward and backward. So move them here, after every step."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            torch.autograd.graph.increment_version(param)
+    # The fused kernel does not move the parameters' version counters; the fast path's hook common to all
+    # optimizers does (fastpath._versions_after_step).
+    return torch.optim.AdamW(groups, fused=True if _fused_kernel_for(params) else None, **kwargs)
 
 
 def _fused_kernel_for(params: list[torch.Tensor]) -> bool:
