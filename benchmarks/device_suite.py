@@ -40,6 +40,7 @@ training) in under 3 minutes and prints ``device suite ok`` last; a failed, stop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -136,6 +137,9 @@ def make_real_size_pipeline(family: str, path: Path, device: torch.device) -> Pa
             scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", timestep_spacing="leading"),
         )
     pipe.to("cpu", torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    del pipe, unet, vae, text_encoder, text_encoder_2
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the training subprocess needs the GPU memory the build held
     return path
 
 
@@ -158,8 +162,8 @@ def training_run(family: str, smoke: bool, work: Path, steps: int, device: torch
     start = time.perf_counter()
     model = work / f"model-{family}"
     if smoke:  # saved in bf16 like the real-size ones
-        (tp.make_sd_pipeline if family == "sd15" else tp.make_sdxl_pipeline)(model)
-        DiffusionPipeline.from_pretrained(model).to(torch.bfloat16).save_pretrained(model)
+        fp32 = (tp.make_sd_pipeline if family == "sd15" else tp.make_sdxl_pipeline)(work / f"fp32-{family}")
+        DiffusionPipeline.from_pretrained(fp32).to(torch.bfloat16).save_pretrained(model)
     else:
         make_real_size_pipeline(family, model, device)
     built_s = time.perf_counter() - start
@@ -223,8 +227,10 @@ def _run_killable(command: list[str], env: dict[str, str]) -> tuple[int, str, st
     try:
         stdout, stderr = proc.communicate(timeout=1800)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
         raise
     return proc.returncode, stdout, stderr
 
@@ -234,8 +240,9 @@ def _run_killable(command: list[str], env: dict[str, str]) -> tuple[int, str, st
 MIN_SECTION_S = 30.0  # a section with less time than this left is skipped: none shows anything sooner
 
 
-class OverBudget(Exception):
-    """Raised in a running section when the suite's time budget ends."""
+class OverBudget(BaseException):
+    """Raised in a running section when the suite's time budget ends. A BaseException, so that the
+    ``except Exception`` fallbacks inside torch.compile and the libraries do not swallow it."""
 
 
 class Suite:
@@ -277,7 +284,7 @@ class Suite:
             value = _within(left, fn)
             entry = {"ok": True, "seconds": time.perf_counter() - start, "result": value}
             self.log(render(value) if render else json.dumps(value, indent=1, default=str))
-        except Exception as error:  # noqa: BLE001 - one failed section must not hide the others
+        except (Exception, OverBudget) as error:  # noqa: BLE001 - one failed section must not hide the others
             entry = {"ok": False, "seconds": time.perf_counter() - start, "error": repr(error)}
             entry["over_budget"] = isinstance(error, OverBudget)
             self.log(traceback.format_exc())
@@ -309,7 +316,7 @@ def _within(seconds: float | None, fn: Callable[[], Any]) -> Any:
         raise OverBudget(f"stopped at the end of the suite's time budget ({seconds:.0f} s were left)")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)  # and again every 5 s, should one be swallowed anyway
     try:
         return fn()
     finally:

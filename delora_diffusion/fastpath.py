@@ -101,9 +101,12 @@ def _versions_after_step(optimizer: torch.optim.Optimizer, *_: object) -> None:
     and backward all ask "was this parameter written since?" through ``_version``. torch.optim's own loops and
     foreach ops move it; its fused kernels do not, nor do optimizers that write ``p.data`` (bitsandbytes,
     prodigyopt): after their steps a cached no-grad forward (validation) reused the scales of before, and a
-    projection was skipped. So for every optimizer but torch's unfused ones, every parameter's counter moves.
+    projection was skipped. So for every optimizer but torch's unfused ones, every parameter's counter moves:
+    such optimizers then behave as torch's unfused ones do (autograd also sees their in-place writes). Not
+    covered: DeepSpeed's ZeRO optimizers (not torch optimizers; the training script moves the counters itself).
     """
-    if type(optimizer).__module__.startswith("torch.optim.") and not optimizer.defaults.get("fused"):
+    fused = any(group.get("fused") for group in optimizer.param_groups)  # per group: a loaded state sets it
+    if type(optimizer).__module__.startswith("torch.optim.") and not fused:
         return
     for group in optimizer.param_groups:
         for param in group["params"]:

@@ -223,7 +223,8 @@ def rebuild_weight(base: nn.Module) -> None:
     container: DeLoRAContainer = base._modules["delora"]
     merged = [a for a in container.values() if a.merged]
     weight = base.weight
-    with torch.no_grad():
+    # fp32 whatever autocast is on: under it dW would come out in half precision, and the sum with it
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         if not merged:
             if container.pristine_weight is not None:
                 weight.copy_(container.pristine_weight)

@@ -168,9 +168,25 @@ def set_delora_scale(model: nn.Module, scale: float, adapter_name: str | None = 
     scale = finite_number(scale, "The DeLoRA scale")
     if adapter_name is not None:
         _require_adapter(model, adapter_name)
-    for _, layer, _, adapter in iter_delora_layers(model, adapter_name):
-        _set_run_scale(layer, adapter, scale=scale)
+    layers = [(layer, adapter) for _, layer, _, adapter in iter_delora_layers(model, adapter_name)]
+    with _all_or_none(layers):
+        for layer, adapter in layers:
+            _set_run_scale(layer, adapter, scale=scale)
     return model
+
+
+@contextlib.contextmanager
+def _all_or_none(layers: list[tuple[nn.Module, DeLoRALayer]]) -> Iterator[None]:
+    """Run-time changes over many layers, undone on all of them if one fails (a merged layer whose new weights
+    are not finite): the model is then as it was, not half changed."""
+    before = [(adapter.scale, adapter.adapter_weight, adapter.active) for _, adapter in layers]
+    try:
+        yield
+    except BaseException:
+        for (layer, adapter), (scale, weight, active) in reversed(list(zip(layers, before, strict=True))):
+            adapter.active = active
+            _set_run_scale(layer, adapter, scale=scale, adapter_weight=weight)
+        raise
 
 
 def get_delora_scale(model: nn.Module, adapter_name: str | None = None) -> float | None:
@@ -218,10 +234,12 @@ def set_delora_adapters(
     chosen = {
         n: finite_number(w, f"The weight of adapter {n!r}") for n, w in zip(names, weights, strict=True)
     }
-    for _, layer, key, adapter in iter_delora_layers(model):
-        if key in chosen:
-            _set_run_scale(layer, adapter, adapter_weight=chosen[key])
-        adapter.active = key in chosen
+    layers = [(layer, key, adapter) for _, layer, key, adapter in iter_delora_layers(model)]
+    with _all_or_none([(layer, adapter) for layer, _, adapter in layers]):
+        for layer, key, adapter in layers:
+            if key in chosen:
+                _set_run_scale(layer, adapter, adapter_weight=chosen[key])
+            adapter.active = key in chosen
     return model
 
 

@@ -79,3 +79,21 @@ def test_a_stopped_training_run_takes_its_children_with_it(tmp_path):
 def test_budget_must_be_positive():
     with pytest.raises(SystemExit):
         device_suite.main(["--smoke", "--budget", "0"])
+
+
+def test_a_section_that_catches_exceptions_is_stopped_all_the_same(tmp_path, monkeypatch):
+    """torch.compile and the libraries have ``except Exception`` fallbacks: the budget's stop gets past them."""
+    monkeypatch.setattr(device_suite, "MIN_SECTION_S", 0.1)
+
+    def swallowing() -> None:
+        for _ in range(100):
+            try:
+                time.sleep(0.5)
+            except Exception:  # noqa: BLE001, S110 - what a library fallback does
+                pass
+
+    suite = device_suite.Suite(tmp_path, budget=1.0)
+    start = time.perf_counter()
+    suite.section("swallowing", swallowing)
+    assert time.perf_counter() - start < 5
+    assert json.loads((tmp_path / "device_suite.json").read_text())["sections"]["swallowing"]["over_budget"]

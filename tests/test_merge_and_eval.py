@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import tiny_pipelines as tp
@@ -89,6 +91,8 @@ def test_a_scale_change_that_would_overflow_a_fused_model_leaves_it_as_it_was():
     anything is written, and the old scale stays (the weights and the scale keep agreeing)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight.mul_(1e8)  # the second layer overflows first: the first one must be undone too
     dd.inject_delora(model, dd.DeLoRAConfig(rank=2, target_modules=["0", "1"]))
     with torch.no_grad():
         for *_, a in dd.iter_delora_layers(model):
@@ -99,8 +103,12 @@ def test_a_scale_change_that_would_overflow_a_fused_model_leaves_it_as_it_was():
     fused = {k: v.clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(fused[k], base[k]) for k in base)
     with pytest.raises(ValueError, match="non-finite"):
-        dd.set_delora_scale(model, 1e38)
-    assert dd.get_delora_scale(model) == 0.5
+        dd.set_delora_scale(model, 1e32)
+    assert [a.scale for *_, a in dd.iter_delora_layers(model)] == [0.5, 0.5]
+    assert_bit_equal(fused, model.state_dict())
+    with pytest.raises(ValueError, match="non-finite"):
+        dd.set_delora_adapters(model, "default", 1e32)
+    assert [a.adapter_weight for *_, a in dd.iter_delora_layers(model)] == [1.0, 1.0]
     assert_bit_equal(fused, model.state_dict())
     dd.set_delora_scale(model, 0.7)  # it still follows scale changes: as one fresh merge at 0.7
     at_07 = {k: v.clone() for k, v in model.state_dict().items()}
@@ -108,3 +116,26 @@ def test_a_scale_change_that_would_overflow_a_fused_model_leaves_it_as_it_was():
     assert_bit_equal(base, model.state_dict())
     dd.merge_delora(model)
     assert_bit_equal(at_07, model.state_dict())
+
+
+def test_merging_under_autocast_is_the_fp32_merge():
+    """dW and the sum stay in fp32 under autocast: before, bf16 autocast rounded every merged weight to bf16."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    dd.inject_delora(model, dd.DeLoRAConfig(rank=2, target_modules=["0"]))
+    with torch.no_grad():
+        for *_, a in dd.iter_delora_layers(model):
+            a.delora_B.add_(torch.randn_like(a.delora_B))
+    plain = dd.merge_delora(copy.deepcopy(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = dd.merge_delora(copy.deepcopy(model))
+    assert torch.equal(plain[0].weight, autocast[0].weight)
+
+
+def test_a_finite_weight_whose_sum_overflows_still_merges():
+    from delora_diffusion.layers import _all_finite
+
+    assert _all_finite(torch.full((4,), 3e38))  # the sum is inf, every value finite
+    assert not _all_finite(torch.tensor([1.0, float("nan")])) and not _all_finite(
+        torch.tensor([float("inf")])
+    )

@@ -3,6 +3,7 @@ optimizers that write parameters without moving their version counters, which th
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -13,6 +14,14 @@ import delora_diffusion as dd
 from delora_diffusion import fastpath
 from delora_diffusion.training import loop
 from delora_diffusion.training.args import parse_args
+
+try:  # torch has fused AdamW on a CPU from 2.4 (pyproject allows 2.3)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    CPU_FUSED = "cpu" in _get_fused_kernels_supported_devices()
+except ImportError:
+    CPU_FUSED = False
+needs_cpu_fused = pytest.mark.skipif(not CPU_FUSED, reason="this torch has no fused AdamW on a CPU")
 
 
 def _adapted() -> nn.Module:
@@ -29,6 +38,7 @@ def _train(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 5) -> None
         opt.zero_grad()
 
 
+@needs_cpu_fused
 def test_the_scripts_adamw_is_fused_on_a_cpu_and_keeps_its_groups():
     args = parse_args(["--adam_weight_decay", "0.1", "--delora_lambda_lr", "3e-3"])
     model = _adapted()
@@ -40,6 +50,7 @@ def test_the_scripts_adamw_is_fused_on_a_cpu_and_keeps_its_groups():
     assert {g["weight_decay"] for n, g in by_name.items() if n != "delora_lambda"} == {0.1}
 
 
+@needs_cpu_fused
 def test_fused_and_the_plain_loop_take_the_same_steps():
     fused_model, plain_model = _adapted(), _adapted()
     groups = lambda m: [{"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": 0.1}]  # noqa: E731
@@ -65,6 +76,7 @@ def test_without_a_fused_kernel_it_takes_torchs_default_with_the_same_groups():
         assert opt.param_groups[0]["lr"] == 5e-4 and opt.param_groups[0]["betas"] == (0.8, 0.9)
 
 
+@needs_cpu_fused
 def test_a_fused_step_moves_the_version_counters_the_fast_path_reads():
     """torch's fused kernel leaves version counters alone; the fast path's caches, lambda's projection into its
     relative bound and the fold's in-place check all key on them (a two-process run saved a lambda the
@@ -78,6 +90,7 @@ def test_a_fused_step_moves_the_version_counters_the_fast_path_reads():
     assert all(p._version > v for p, v in zip(params, before, strict=True))
 
 
+@needs_cpu_fused
 def test_lambda_stays_inside_its_relative_bound_under_the_fused_step():
     from delora_diffusion.fastpath import project_lambdas
 
@@ -109,6 +122,7 @@ class DataSGD(torch.optim.Optimizer):
                     p.data.add_(p.grad, alpha=-group["lr"])
 
 
+@needs_cpu_fused
 @pytest.mark.parametrize("make", ["fused AdamW", "p.data writer"])
 def test_a_no_grad_forward_after_a_step_sees_the_new_weights(make):
     """Validation between backward and the step caches no-grad scales; after a step of an optimizer that leaves
@@ -128,3 +142,27 @@ def test_a_no_grad_forward_after_a_step_sees_the_new_weights(make):
             for *_, a in dd.iter_delora_layers(model):
                 fastpath.clear_cache(a)
             assert torch.equal(seen, model(x))
+
+
+@needs_cpu_fused
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_resumed_optimizer_keeps_this_runs_fused_setting(saved_fused):
+    """load_state_dict restores each group's 'fused' from the checkpoint; the run's own choice must win."""
+    model = _adapted()
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = torch.optim.AdamW(params, lr=1e-2, fused=saved_fused or None)
+    _train(saved, model, steps=2)
+    for wanted in (True, None):
+        opt = torch.optim.AdamW(params, lr=1e-2, fused=wanted)
+        opt.load_state_dict(copy.deepcopy(saved.state_dict()))
+        loop.keep_fused_setting(opt)
+        assert all(g["fused"] == wanted for g in opt.param_groups)
+        _train(opt, model, steps=1)  # steps with this setting: step counts where it keeps them
+        assert all(opt.state[p]["step"].item() == 3 for p in params)
+
+
+def test_fp16_training_keeps_the_unfused_optimizer():
+    """A fused step hides GradScaler's skipped steps from accelerate (its LR schedule would advance past them)."""
+    args = parse_args(["--mixed_precision", "fp16"])
+    opt = loop.make_optimizer(args, types.SimpleNamespace(denoiser="unet"), {"unet": _adapted()})
+    assert not opt.defaults["fused"]

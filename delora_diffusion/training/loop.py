@@ -343,6 +343,10 @@ def make_optimizer(
     if args.use_8bit_adam:
         bnb = require("bitsandbytes", "--use_8bit_adam")
         return bnb.optim.AdamW8bit(groups, betas=betas, eps=args.adam_epsilon)
+    if args.mixed_precision == "fp16":
+        # A fused step takes GradScaler's inf check inside the kernel, so it is always "called" and accelerate,
+        # which reads a skipped step from an uncalled one, would advance the LR schedule past skipped steps.
+        return torch.optim.AdamW(groups, betas=betas, eps=args.adam_epsilon)
     return fused_adamw(groups, betas=betas, eps=args.adam_epsilon)
 
 
@@ -357,6 +361,24 @@ def fused_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Adam
     # The fused kernel does not move the parameters' version counters; the fast path's hook common to all
     # optimizers does (fastpath._versions_after_step).
     return torch.optim.AdamW(groups, fused=True if _fused_kernel_for(params) else None, **kwargs)
+
+
+def keep_fused_setting(optimizer: torch.optim.Optimizer) -> None:
+    """After loading an optimizer state: the fused setting this run chose, not the saved run's.
+
+    ``load_state_dict`` restores every group's hyperparameters, ``fused`` among them: a checkpoint of an
+    unfused run would make this one unfused, and a fused one met where there is no fused kernel would fail
+    at the first step. Step counts go where that setting keeps them (the parameter's device when fused)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not isinstance(inner, torch.optim.AdamW) or "fused" not in inner.defaults:
+        return
+    fused = bool(inner.defaults["fused"])
+    for group in inner.param_groups:
+        group["fused"] = inner.defaults["fused"]
+        for param in group["params"]:
+            step = inner.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                inner.state[param]["step"] = step.to(param.device if fused else "cpu", torch.float32)
 
 
 def _fused_kernel_for(params: list[torch.Tensor]) -> bool:
@@ -426,6 +448,7 @@ def resume(run: Run) -> None:
         return
     logger.info("Resuming from %s", found.path)
     accelerator.load_state(str(found.path))
+    keep_fused_setting(run.optimizer)
     run.global_step = found.step
     run.first_epoch = run.global_step // run.steps_per_epoch
     run.skip_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps

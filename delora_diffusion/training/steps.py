@@ -179,6 +179,10 @@ def accumulate(run: Run, batch: dict, trainable: list[nn.Module], encoders: dict
                 everything = [p for m in trainable for p in m.parameters()]
                 accelerator.clip_grad_norm_(everything, run.args.max_grad_norm)
                 run.optimizer.step()
+                # DeepSpeed's ZeRO writes the parameters through .data, unseen by version counters (and by the
+                # fast path's hook, which sees torch optimizers only); the caches and the projection read them.
+                for param in run.adapter_params:
+                    torch.autograd.graph.increment_version(param)
                 project_lambdas(delora_layers(run))  # the relative bound holds in every saved state too
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
