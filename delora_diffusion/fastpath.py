@@ -13,7 +13,7 @@ plus the *stamp* they were computed under. They go stale when any of their input
 - an optimizer step or any in-place write to A, B or lambda (their ``_version`` counters move), or a new
   tensor put in their place (``data_ptr`` moves). Optimizers that write without moving the counters (torch's
   fused kernels; bitsandbytes and prodigyopt, which write ``p.data``) get them moved after every step by a
-  hook common to all optimizers (:func:`_versions_after_step`);
+  hook common to all optimizers (:mod:`delora_diffusion.optim_versions`);
 - a write to the frozen w / A0 / B0 (e.g. ``load_state_dict``; the sum of their versions moves);
 - a change of the run-time scale (``set_delora_scale``, adapter weights).
 
@@ -44,9 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import functional
+from . import functional, optim_versions  # noqa: F401 - registers the optimizer hook
 from .fold import FoldGroup
 from .layers import DeLoRAContainer, DeLoRALayer
 from .update import apply_update
@@ -94,28 +93,6 @@ def structure_changed() -> None:
 
 
 # --- the per-layer cache ----------------------------------------------------------------------------------------
-def _versions_after_step(optimizer: torch.optim.Optimizer, *_: object) -> None:
-    """Move the version counters of an optimizer's parameters after its step, where its step may not have.
-
-    The caches here, lambda's projection into its bound and the fold's check against a step between forward
-    and backward all ask "was this parameter written since?" through ``_version``. torch.optim's own loops and
-    foreach ops move it; its fused kernels do not, nor do optimizers that write ``p.data`` (bitsandbytes,
-    prodigyopt): after their steps a cached no-grad forward (validation) reused the scales of before, and a
-    projection was skipped. So for every optimizer but torch's unfused ones, every parameter's counter moves:
-    such optimizers then behave as torch's unfused ones do (autograd also sees their in-place writes). Not
-    covered: DeepSpeed's ZeRO optimizers (not torch optimizers; the training script moves the counters itself).
-    """
-    fused = any(group.get("fused") for group in optimizer.param_groups)  # per group: a loaded state sets it
-    if type(optimizer).__module__.startswith("torch.optim.") and not fused:
-        return
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            torch.autograd.graph.increment_version(param)
-
-
-register_optimizer_step_post_hook(_versions_after_step)
-
-
 def _stamp(layer: DeLoRALayer) -> tuple:
     """Everything the cached scales depend on (see the module docstring for when they go stale).
 

@@ -359,7 +359,7 @@ def fused_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Adam
     AdamW."""
     params = [p for group in groups for p in group["params"]]
     # The fused kernel does not move the parameters' version counters; the fast path's hook common to all
-    # optimizers does (fastpath._versions_after_step).
+    # optimizers does (delora_diffusion.optim_versions).
     return torch.optim.AdamW(groups, fused=True if _fused_kernel_for(params) else None, **kwargs)
 
 
