@@ -231,9 +231,8 @@ def rebuild_weight(base: nn.Module) -> None:
                 container.pristine_weight = None
             return
         pristine = container.pristine_weight if container.pristine_weight is not None else weight.detach()
-        total = (
-            None  # dW + pristine in fp32, in dW's own buffer (the same sums as pristine + dW, one copy fewer)
-        )
+        # dW + pristine in fp32, in dW's own buffer: the same sums as pristine + dW, one copy fewer
+        total = None
         for adapter in merged:
             delta = adapter.delta_weight().reshape(weight.shape)
             total = delta.add_(pristine) if total is None else total.add_(delta)
