@@ -31,6 +31,11 @@ layer without handed scales (the refresh was switched off, or its parameters are
 in the graph, reading the scale from its ``scale_tensor``. They are handed over on each forward of the
 model the adapters were injected into; a compiled submodule called on its own reuses the last ones.
 
+On accelerators (``fastpath_options(fold_factors=...)``; off on a CPU) the refresh of a training step also
+folds each group's factors ``A diag(w)``, ``B diag(s)`` in the compute dtype (:class:`FoldFactors`), and a
+Linear layer's update is two plain matmuls on them: a launch-bound GPU step then dispatches fewer kernels
+than PEFT LoRA's (``benchmarks/step_ops.py``), for an adapter-sized copy of the factors kept for backward.
+
 :func:`fastpath_options` switches the batched refresh and the hidden recompute off (benchmarks, debugging).
 """
 
@@ -43,12 +48,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional, optim_versions  # noqa: F401 - registers the optimizer hook
-from .fold import FoldGroup
+from .fold import FoldFactors, FoldGroup
 from .layers import DeLoRAContainer, DeLoRALayer
-from .update import apply_update
+from .update import apply_update, compute_dtype
 
 
 @dataclass
@@ -60,6 +66,9 @@ class FastPathOptions:
     pair, where it runs on its own at few tokens, keeps its hidden either way: see ``update._DeLoRALinear``)."""
     stack_fold: bool | None = None
     """The batched fold stacks each group's A and B for their norms (None: on accelerators, not on a CPU)."""
+    fold_factors: bool | None = None
+    """While training, the batched fold also makes each group's folded factors (:class:`FoldFactors`), and
+    Linear layers run their update as two plain matmuls on them (None: on accelerators, not on a CPU)."""
 
 
 _options = FastPathOptions()
@@ -67,20 +76,25 @@ _options = FastPathOptions()
 
 @contextlib.contextmanager
 def fastpath_options(
-    batched: bool | None = None, recompute_hidden: bool | None = None, stack_fold: bool | None = None
+    batched: bool | None = None,
+    recompute_hidden: bool | None = None,
+    stack_fold: bool | None = None,
+    fold_factors: bool | None = None,
 ) -> Iterator[None]:
     """``with fastpath_options(batched=False): ...`` runs the block with the switches changed, then restores them."""
-    previous = (_options.batched, _options.recompute_hidden, _options.stack_fold)
+    previous = (_options.batched, _options.recompute_hidden, _options.stack_fold, _options.fold_factors)
     if batched is not None:
         _options.batched = batched
     if recompute_hidden is not None:
         _options.recompute_hidden = recompute_hidden
     if stack_fold is not None:
         _options.stack_fold = stack_fold
+    if fold_factors is not None:
+        _options.fold_factors = fold_factors
     try:
         yield
     finally:
-        _options.batched, _options.recompute_hidden, _options.stack_fold = previous
+        _options.batched, _options.recompute_hidden, _options.stack_fold, _options.fold_factors = previous
 
 
 _structure_version = 0
@@ -113,11 +127,13 @@ def _stamp(layer: DeLoRALayer) -> tuple:
     )
 
 
-def _set_cache(layer: DeLoRALayer, scales: torch.Tensor, stamp: tuple) -> None:
+def _set_cache(layer: DeLoRALayer, scales: torch.Tensor, stamp: tuple, factors: tuple | None = None) -> None:
     # Plain attributes: written straight into __dict__, skipping nn.Module.__setattr__'s checks. Copies and
-    # pickles of the layer leave them behind (DeLoRALayer.__getstate__).
+    # pickles of the layer leave them behind (DeLoRALayer.__getstate__). `factors`, (scales, A', B') from
+    # FoldFactors, are used only while `scales` is the layer's cache (the same tensor).
     layer.__dict__["_cache"] = scales
     layer.__dict__["_cache_stamp"] = stamp
+    layer.__dict__["_factors"] = factors
 
 
 def _cache_is_fresh(layer: DeLoRALayer) -> bool:
@@ -133,7 +149,7 @@ def _unfit_for_grad(layer: DeLoRALayer) -> bool:
 
 
 def clear_cache(layer: DeLoRALayer) -> None:
-    layer.__dict__["_cache"] = layer.__dict__["_cache_stamp"] = None
+    layer.__dict__["_cache"] = layer.__dict__["_cache_stamp"] = layer.__dict__["_factors"] = None
 
 
 def layer_scales(layer: DeLoRALayer) -> torch.Tensor:
@@ -169,9 +185,19 @@ def delora_forward_hook(base: nn.Module, args: tuple, output: torch.Tensor) -> t
         # before it recomputes a block, so the recompute drops the same adapters as the forward did.
         if layer.training and layer.module_dropout > 0 and torch.rand(()).item() < layer.module_dropout:
             continue
-        update = apply_update(base, layer, x, layer_scales(layer), _options.recompute_hidden)
+        scales = layer_scales(layer)
+        factors = layer.__dict__.get("_factors")
+        if factors is not None and factors[0] is scales and isinstance(base, nn.Linear):
+            update = _factored_update(x, factors[1], factors[2])
+        else:
+            update = apply_update(base, layer, x, scales, _options.recompute_hidden)
         output = output + update.to(output.dtype)
     return output
+
+
+def _factored_update(x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor) -> torch.Tensor:
+    """The update on the batched fold's factors (:class:`FoldFactors`): LoRA's two matmuls, nothing more."""
+    return F.linear(F.linear(x if x.dtype == A_f.dtype else x.to(A_f.dtype), A_f), B_f)
 
 
 def _compiled_update(
@@ -182,10 +208,14 @@ def _compiled_update(
     for layer in container._modules.values():
         if not layer.active or layer.merged:
             continue
-        scales = getattr(layer, "_compiled_scales", None)
-        if scales is None:
-            scales = traced_scales([layer])[0]
-        update = apply_update(base, layer, x, scales, _options.recompute_hidden)
+        factors = getattr(layer, "_compiled_factors", None)
+        if factors is not None and isinstance(base, nn.Linear):
+            update = _factored_update(x, *factors)
+        else:
+            scales = getattr(layer, "_compiled_scales", None)
+            if scales is None:
+                scales = traced_scales([layer])[0]
+            update = apply_update(base, layer, x, scales, _options.recompute_hidden)
         if layer.training and layer.module_dropout > 0:
             update = update * (torch.rand((), device=x.device) >= layer.module_dropout)
         output = output + update.to(output.dtype)
@@ -217,6 +247,7 @@ class _Group:
     frozen_versions: tuple  # versions / storages of the members' frozen tensors when computed
     frozen_unit: torch.Tensor | None = None  # paper init: (L, r), -1 / (r |a0| |b0|) (constant, so kept)
     lambda_max: torch.Tensor | None = None  # (L, 1): the relative bound's |lambda| limits (inf: none)
+    w: torch.Tensor | None = None  # (L, in): the members' column norms, stacked (FoldFactors)
 
 
 @dataclass
@@ -293,7 +324,8 @@ def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group
                 values = [float("inf") if limit is None else limit for limit in limits]
                 A = first.delora_A
                 lambda_max = torch.tensor(values, dtype=A.dtype, device=A.device).unsqueeze(-1)
-        group = _Group(members, first.rank, versions, frozen_unit, lambda_max)
+            w = torch.stack([a._buffers["delora_w_norm"] for a in members])
+        group = _Group(members, first.rank, versions, frozen_unit, lambda_max, w)
         plan.groups[key] = group
     return group
 
@@ -321,6 +353,26 @@ def _stack_fold(device: torch.device) -> bool:
     if _options.stack_fold is not None:
         return _options.stack_fold
     return device.type != "cpu"
+
+
+def _factors_wanted(device: torch.device) -> bool:
+    """Fold factors for a group (few kernels per layer: launch-bound accelerators), or scales only (no
+    adapter-sized copy: a CPU, where the copy costs more than the calls)."""
+    if _options.fold_factors is not None:
+        return _options.fold_factors
+    return device.type != "cpu"
+
+
+def _fold_factors(entries: list[_Entry], training: bool) -> torch.dtype | None:
+    """The compute dtype to fold the group's factors in (:class:`FoldFactors`), or None to fold scales only:
+    factors only while training Linear layers whose parameters require grad, all in one compute dtype."""
+    A = entries[0].layer._parameters["delora_A"]
+    if not (training and A.requires_grad and _factors_wanted(A.device)):
+        return None
+    if not all(isinstance(e.base, nn.Linear) for e in entries):
+        return None
+    dtypes = {compute_dtype(e.base) for e in entries}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def fold_group(
@@ -378,11 +430,11 @@ def refresh_factors(root: nn.Module) -> None:
     training = torch.is_grad_enabled()
     if training:
         project_lambdas(plan.bounded)
-    stale: dict[tuple, list[DeLoRALayer]] = {}
+    stale: dict[tuple, list[_Entry]] = {}
     handed: list[DeLoRALayer] = []
     for entry in plan.entries:
         layer = entry.layer
-        layer.__dict__["_compiled_scales"] = None
+        layer.__dict__["_compiled_scales"] = layer.__dict__["_compiled_factors"] = None
         # A zero scale is folded too (the eager hook skips it): a compiled graph then never misses its scales.
         if entry.container.disabled or not layer.active or layer.merged or not _is_materialized(layer):
             continue
@@ -394,8 +446,9 @@ def refresh_factors(root: nn.Module) -> None:
             or _grad_left(layer, training)
             or (training and _unfit_for_grad(layer))
         ):
-            stale.setdefault(entry.key + (A.dtype, A.device), []).append(layer)
-    for key, members in stale.items():
+            stale.setdefault(entry.key + (A.dtype, A.device), []).append(entry)
+    for key, entries in stale.items():
+        members = [e.layer for e in entries]
         group = _group(plan, key, members)
         A = members[0]._parameters["delora_A"]
         scales = [a.effective_scale for a in members]
@@ -403,13 +456,37 @@ def refresh_factors(root: nn.Module) -> None:
             scale: float | torch.Tensor = scales[0]
         else:
             scale = torch.tensor(scales, dtype=A.dtype, device=A.device).unsqueeze(-1)
-        scales_all = fold_group(group.rank, scale, group.frozen_unit, group.lambda_max, members)
-        for layer, scales_row in zip(members, scales_all.unbind(0), strict=True):
-            _set_cache(layer, scales_row, _stamp(layer))
+        factor_dtype = _fold_factors(entries, training)
+        if factor_dtype is None:
+            scales_all = fold_group(group.rank, scale, group.frozen_unit, group.lambda_max, members)
+            for layer, scales_row in zip(members, scales_all.unbind(0), strict=True):
+                _set_cache(layer, scales_row, _stamp(layer))
+        else:
+            scales_all = _fold_with_factors(group, scale, members, factor_dtype)
         if scales_all.grad_fn is not None:
             _forget_when_spent(scales_all.grad_fn, members)
     for layer in handed:  # fresh now: what a compiled forward uses (see refresh_pre_hook)
         layer.__dict__["_compiled_scales"] = layer.__dict__["_cache"]
+        factors = layer.__dict__.get("_factors")
+        if factors is not None and factors[0] is layer.__dict__["_cache"]:
+            layer.__dict__["_compiled_factors"] = factors[1:]
+
+
+def _fold_with_factors(
+    group: _Group, scale: float | torch.Tensor, members: list[DeLoRALayer], dtype: torch.dtype
+) -> torch.Tensor:
+    """Fold the group's scales and factors (:class:`FoldFactors`) and cache both per layer; returns the scales."""
+    params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
+    frozen = None
+    if group.frozen_unit is not None:
+        frozen = ([a._buffers["delora_A0"] for a in members], [a._buffers["delora_B0"] for a in members])
+    scales_all, A_f, B_f = FoldFactors.apply(
+        group.rank, len(members), dtype, scale, group.frozen_unit, group.lambda_max, group.w, frozen, *params
+    )
+    rows = zip(members, scales_all.unbind(0), A_f.unbind(0), B_f.unbind(0), strict=True)
+    for layer, scales_row, A_row, B_row in rows:
+        _set_cache(layer, scales_row, _stamp(layer), (scales_row, A_row, B_row))
+    return scales_all
 
 
 def _forget_when_spent(node: torch.autograd.graph.Node, members: list[DeLoRALayer]) -> None:
@@ -426,7 +503,7 @@ def _forget_when_spent(node: torch.autograd.graph.Node, members: list[DeLoRALaye
             cache = None if layer is None else layer.__dict__.get("_cache")
             if cache is not None and cache.grad_fn is not None and cache.grad_fn.next_functions[0][0] is node:
                 clear_cache(layer)
-                layer.__dict__["_compiled_scales"] = None
+                layer.__dict__["_compiled_scales"] = layer.__dict__["_compiled_factors"] = None
 
     node.register_hook(forget)
 
@@ -473,6 +550,6 @@ def refresh_pre_hook(root: nn.Module, args: tuple) -> None:
         return
     entries = _plan_for(root).entries
     for entry in entries:
-        entry.layer.__dict__["_compiled_scales"] = None
+        entry.layer.__dict__["_compiled_scales"] = entry.layer.__dict__["_compiled_factors"] = None
     if torch.is_grad_enabled():
         project_lambdas([entry.layer for entry in entries])

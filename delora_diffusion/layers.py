@@ -80,6 +80,8 @@ class DeLoRALayer(nn.Module):
         state.pop("_cache", None)
         state.pop("_compiled_scales", None)
         state.pop("_cache_stamp", None)
+        state.pop("_factors", None)
+        state.pop("_compiled_factors", None)
         state.pop("_projected", None)
         return state
 
