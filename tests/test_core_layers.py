@@ -348,3 +348,15 @@ def test_functional_bound_helper():
     w = torch.tensor([1.0, 3.0, 2.0])
     assert functional.norm_bound(-2.0, w, paper_init=False).item() == 6.0
     assert functional.norm_bound(2.0, w, paper_init=True).item() == 12.0
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_model_on_the_meta_device_runs_its_forward(grad):
+    """Shape-only runs (accelerate's init_empty_weights, launch counting) build models on meta; the update
+    must not ask torch about autocast there, which raises for devices without it."""
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(8, 8))
+        dd.inject_delora(net, dd.DeLoRAConfig(rank=2, lambda_init=1.0, target_modules=["0"]))
+        with torch.set_grad_enabled(grad):
+            y = net(torch.empty(3, 8))
+    assert y.device.type == "meta" and y.shape == (3, 8)
