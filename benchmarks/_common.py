@@ -211,14 +211,18 @@ def unet_forward(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 # --- variants -----------------------------------------------------------------------------------------------
 VARIANTS = ("ours-paper", "ours-zero", "peft-lora", "peft-delora")
-EXTRA_VARIANTS = ("ours-paper-keep", "ours-zero-keep")
-"""Opt-in: ours with ``fastpath_options(recompute_hidden=False)`` (autograd keeps the T x r hidden; less compute, more memory)."""
+EXTRA_VARIANTS = ("ours-paper-keep", "ours-zero-keep", "ours-paper-factors", "ours-zero-factors")
+"""Opt-in: ours with ``fastpath_options(recompute_hidden=False)`` (``-keep``: autograd keeps the T x r hidden;
+less compute, more memory), and ours on the accelerator path wherever it runs (``-factors``: stacked fold and
+factor fold, the default off the CPU)."""
 
 
 def variant_context(variant: str) -> Any:
     """The fast-path switches a variant runs with, as a context manager around each of its steps."""
     from delora_diffusion.fastpath import fastpath_options
 
+    if variant.endswith("-factors"):
+        return fastpath_options(stack_fold=True, fold_factors=True)
     return fastpath_options(recompute_hidden=not variant.endswith("-keep"))
 
 

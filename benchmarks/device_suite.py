@@ -33,7 +33,8 @@ with under 30 s left is skipped; both are named on the last line. Timed rounds s
 rounds, once their share of what is left has passed.
 
 ``--smoke`` runs the same code paths on a CPU with tiny shapes (eager-backend compile, fp32 speed, bf16
-training) in under 3 minutes and prints ``device suite ok`` last; a failed, stopped or skipped section prints
+training; the in-process sections on the fast path's accelerator settings, stacked fold and factor fold, which
+a CPU does not take by default) in under 3 minutes and prints ``device suite ok`` last; a failed, stopped or skipped section prints
 ``device suite FAILED: ...`` instead and exits 1.
 """
 
@@ -388,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         return rows
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from delora_diffusion.fastpath import fastpath_options
+
+    # On a GPU the fast path's defaults are already these; the smoke takes them on the CPU too.
+    accelerator_path = (
+        fastpath_options(stack_fold=True, fold_factors=True) if args.smoke else contextlib.nullcontext()
+    )
+    with tempfile.TemporaryDirectory() as tmp, accelerator_path:
 
         def train(family: str) -> dict[str, Any]:
             return training_run(family, args.smoke, Path(tmp), steps, device)
