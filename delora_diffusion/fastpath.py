@@ -63,7 +63,9 @@ class FastPathOptions:
     """Compute all layers' scales in a few batched ops before the forward (False: each layer its own)."""
     recompute_hidden: bool = True
     """Linear layers recompute the T x r hidden in backward instead of keeping it (the paper init's frozen
-    pair, where it runs on its own at few tokens, keeps its hidden either way: see ``update._DeLoRALinear``)."""
+    pair, where it runs on its own at few tokens, keeps its hidden either way: see ``update._DeLoRALinear``).
+    The factor fold's plain matmuls keep their hidden whatever this says, as LoRA's do (T x 2r for the paper
+    init)."""
     stack_fold: bool | None = None
     """The batched fold stacks each group's A and B for their norms (None: on accelerators, not on a CPU)."""
     fold_factors: bool | None = None
@@ -247,7 +249,7 @@ class _Group:
     frozen_versions: tuple  # versions / storages of the members' frozen tensors when computed
     frozen_unit: torch.Tensor | None = None  # paper init: (L, r), -1 / (r |a0| |b0|) (constant, so kept)
     lambda_max: torch.Tensor | None = None  # (L, 1): the relative bound's |lambda| limits (inf: none)
-    w: torch.Tensor | None = None  # (L, in): the members' column norms, stacked (FoldFactors)
+    w: torch.Tensor | None = None  # (L, in): the members' column norms, stacked once FoldFactors needs them
 
 
 @dataclass
@@ -324,8 +326,7 @@ def _group(plan: _RefreshPlan, key: tuple, members: list[DeLoRALayer]) -> _Group
                 values = [float("inf") if limit is None else limit for limit in limits]
                 A = first.delora_A
                 lambda_max = torch.tensor(values, dtype=A.dtype, device=A.device).unsqueeze(-1)
-            w = torch.stack([a._buffers["delora_w_norm"] for a in members])
-        group = _Group(members, first.rank, versions, frozen_unit, lambda_max, w)
+        group = _Group(members, first.rank, versions, frozen_unit, lambda_max)
         plan.groups[key] = group
     return group
 
@@ -477,6 +478,9 @@ def _fold_with_factors(
 ) -> torch.Tensor:
     """Fold the group's scales and factors (:class:`FoldFactors`) and cache both per layer; returns the scales."""
     params = [a._parameters[k] for k in ("delora_A", "delora_B", "delora_lambda") for a in members]
+    if group.w is None:
+        with torch.inference_mode(False), torch.no_grad():
+            group.w = torch.stack([a._buffers["delora_w_norm"] for a in members])
     frozen = None
     if group.frozen_unit is not None:
         frozen = ([a._buffers["delora_A0"] for a in members], [a._buffers["delora_B0"] for a in members])

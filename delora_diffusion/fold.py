@@ -88,8 +88,9 @@ class FoldFactors(torch.autograd.Function):
     For launch-bound accelerators: each Linear layer's update is then two plain matmuls, with none of the
     per-layer scaling, casting and gradient reductions of :class:`~delora_diffusion.update._DeLoRALinear`;
     those run once per group here, forward and backward, and each parameter gets its whole gradient from
-    this node. The price is the factors themselves, which the layers' matmuls keep for backward (an
-    adapter-sized copy in the compute dtype; half the adapter under bf16). Kept like :class:`FoldGroup`'s:
+    this node. The price is what the layers' plain matmuls keep for backward: the factors (an adapter-sized
+    copy in the compute dtype; half the adapter under bf16) and the T x R hidden, as LoRA's matmuls keep
+    theirs (R = 2r for the paper init). Kept like :class:`FoldGroup`'s:
     parameters and (L, r) vectors as attributes, A and B stacked again in backward.
     """
 
@@ -119,7 +120,9 @@ class FoldFactors(torch.autograd.Function):
             A, B = torch.cat((A, torch.stack(frozen[0])), 1), torch.cat((B, torch.stack(frozen[1])), 2)
         A_f, B_f = (A * w.unsqueeze(1)).to(dtype), (B * scales.unsqueeze(1)).to(dtype)
         ctx.rank, ctx.n, ctx.frozen = rank, n, frozen
-        ctx.kept = (a_raw, b_raw, lam, scale_t, inside, frozen_unit, scales, w, *params)
+        # scales detached: the output itself would tie this node to its own output, a cycle through C++
+        # that nothing frees (every step's node, and the parameters it holds, would stay alive).
+        ctx.kept = (a_raw, b_raw, lam, scale_t, inside, frozen_unit, scales.detach(), w, *params)
         ctx.versions = [p._version for p in params]
         ctx.set_materialize_grads(False)
         return scales, A_f, B_f

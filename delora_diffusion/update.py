@@ -24,14 +24,9 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
     for them rather than answer False."""
     weight = base._parameters["weight"]
     device_type = weight.device.type
-    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
-
-
-def _autocast_available(device_type: str) -> bool:
-    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-    return device_type in ("cpu", "cuda") if available is None else available(device_type)
 
 
 class _DeLoRALinear(torch.autograd.Function):

@@ -283,3 +283,23 @@ def test_compiled_training_uses_the_factors_in_one_graph(backend):
     assert counting.graphs == 1
     assert not counters["graph_break"] and not counters["recompiles"]
     torch._dynamo.reset()
+
+
+def test_training_steps_leave_no_fold_node_and_free_the_model():
+    """The fold's node must not outlive its step: nothing of an old step's graph stays reachable, and a
+    deleted model's parameters are freed (a node keeping its own output formed a cycle nothing collected)."""
+    import gc
+    import weakref
+
+    model = _net("paper", None, dtype=torch.float32)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with fastpath.fastpath_options(fold_factors=True):
+        for _ in range(5):
+            model(torch.randn(4, 6)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    param = weakref.ref(next(p for p in model.parameters() if p.requires_grad))
+    del model, opt
+    gc.collect()
+    assert param() is None
+    assert not [o for o in gc.get_objects() if type(o).__name__ == "FoldFactorsBackward"]
