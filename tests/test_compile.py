@@ -85,8 +85,15 @@ def test_no_graph_breaks(init, train):
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("init", ["paper", "zero"])
-def test_training_steps_match_eager_and_scale_changes_do_not_recompile(backend, init):
-    """Forward, backward and optimizer steps compiled == eager; set_delora_scale adds no graph."""
+@pytest.mark.parametrize("factors", [False, True])
+def test_training_steps_match_eager_and_scale_changes_do_not_recompile(backend, init, factors):
+    """Forward, backward and optimizer steps compiled == eager; set_delora_scale adds no graph. With the
+    factor fold (accelerators' default) the Linear layers read the handed factors as plain inputs."""
+    with fastpath.fastpath_options(fold_factors=factors):
+        _compiled_training_steps(backend, init, factors)
+
+
+def _compiled_training_steps(backend: str, init: str, factors: bool) -> None:
     eager_net = _adapted(init).train()
     compiled_net = copy.deepcopy(eager_net)
     counting = _CountingBackend(backend)
@@ -99,6 +106,8 @@ def test_training_steps_match_eager_and_scale_changes_do_not_recompile(backend, 
         for net in (eager_net, compiled_net):
             dd.set_delora_scale(net, scale)
         outputs = [eager_net(X), compiled(X)]
+        handed = [a.__dict__.get("_compiled_factors") for *_, a in dd.iter_delora_layers(compiled_net)]
+        assert sum(h is not None for h in handed) == (3 if factors else 0)  # q, k, out; the conv: scales
         for out in outputs:
             out.square().mean().backward()
         torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)

@@ -1,20 +1,24 @@
 """The factor fold (fold.FoldFactors, on by default on accelerators): each group's folded factors made once per
 step, each Linear update two plain matmuls. Checked here on the CPU, switched on: gradients against autograd
 through the dense delta, checkpointing, training steps, mixed Conv2d/Linear groups, and the launch count it
-exists for (dispatched kernels per step, the cost of a launch-bound GPU step)."""
+exists for (dispatched kernels per step, the cost of a launch-bound GPU step). The compiled path with factors
+is in tests/test_compile.py."""
 
 from __future__ import annotations
 
-import collections
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import delora_diffusion as dd
 from delora_diffusion import fastpath, functional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from step_ops import LaunchCounter  # noqa: E402
 
 
 def _net(init: str, rho: float | None, width: int = 8, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -202,25 +206,12 @@ def test_a_group_with_conv_layers_folds_scales_only():
         torch.testing.assert_close(grad, grads[0][name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-class _Launches(TorchDispatchMode):
-    """Dispatched ops that would launch a kernel on a GPU (views and detach launch none)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
-            self.count[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _launches(model: nn.Module, x: torch.Tensor, **options: bool) -> int:
     with fastpath.fastpath_options(**options), torch.autocast("cpu", torch.bfloat16):
         model(x).float().sum().backward()  # the first step builds the group and caches
-        with _Launches() as launches:
+        with LaunchCounter() as launches:
             model(x).float().sum().backward()
-    return sum(launches.count.values())
+    return sum(launches.ops.values())
 
 
 def test_a_step_launches_fewer_kernels_than_peft_lora():
@@ -244,45 +235,6 @@ def test_a_step_launches_fewer_kernels_than_peft_lora():
     factored = _launches(ours, x, fold_factors=True, stack_fold=True)
     per_layer = _launches(ours, x, fold_factors=False, stack_fold=True)
     assert factored < lora_count < per_layer, (factored, lora_count, per_layer)
-
-
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_training_uses_the_factors_in_one_graph(backend):
-    """Compiled, the Linear layers read the handed factors as plain inputs: training steps equal eager ones,
-    one graph, no break, and scale changes (new factors, same shapes) recompile nothing."""
-    import copy
-
-    from test_compile import X, _adapted, _CountingBackend, _grads
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    eager_net = _adapted("paper").train()
-    compiled_net = copy.deepcopy(eager_net)
-    counting = _CountingBackend(backend)
-    compiled = torch.compile(compiled_net, backend=counting)
-    optimizers = [
-        torch.optim.SGD([p for p in n.parameters() if p.requires_grad], lr=0.1)
-        for n in (eager_net, compiled_net)
-    ]
-    with fastpath.fastpath_options(fold_factors=True):
-        for scale in [1.0, 1.0, 0.5, 2.0]:
-            for net in (eager_net, compiled_net):
-                dd.set_delora_scale(net, scale)
-            outputs = [eager_net(X), compiled(X)]
-            handed = [a.__dict__.get("_compiled_factors") for *_, a in dd.iter_delora_layers(compiled_net)]
-            assert sum(h is not None for h in handed) == 3  # q, k, out; the conv folds scales
-            for out in outputs:
-                out.square().mean().backward()
-            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
-            for got, want in zip(_grads(compiled_net), _grads(eager_net), strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad()
-    assert counting.graphs == 1
-    assert not counters["graph_break"] and not counters["recompiles"]
-    torch._dynamo.reset()
 
 
 def test_training_steps_leave_no_fold_node_and_free_the_model():
