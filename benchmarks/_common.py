@@ -211,10 +211,18 @@ def unet_forward(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 # --- variants -----------------------------------------------------------------------------------------------
 VARIANTS = ("ours-paper", "ours-zero", "peft-lora", "peft-delora")
-EXTRA_VARIANTS = ("ours-paper-keep", "ours-zero-keep", "ours-paper-factors", "ours-zero-factors")
+EXTRA_VARIANTS = (
+    "ours-paper-keep",
+    "ours-zero-keep",
+    "ours-paper-factors",
+    "ours-zero-factors",
+    "ours-paper-per-layer",
+    "ours-zero-per-layer",
+)
 """Opt-in: ours with ``fastpath_options(recompute_hidden=False)`` (``-keep``: autograd keeps the T x r hidden;
-less compute, more memory), and ours on the accelerator path wherever it runs (``-factors``: stacked fold and
-factor fold, the default off the CPU)."""
+less compute, more memory); ours on the accelerator path wherever it runs (``-factors``: stacked fold and
+factor fold, the default off the CPU); and ours without the factor fold wherever it runs (``-per-layer``: the
+CPU's default, so on a GPU it measures what the factor fold buys)."""
 
 
 def variant_context(variant: str) -> Any:
@@ -223,6 +231,8 @@ def variant_context(variant: str) -> Any:
 
     if variant.endswith("-factors"):
         return fastpath_options(stack_fold=True, fold_factors=True)
+    if variant.endswith("-per-layer"):
+        return fastpath_options(fold_factors=False)
     return fastpath_options(recompute_hidden=not variant.endswith("-keep"))
 
 

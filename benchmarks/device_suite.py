@@ -379,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     suite.results["environment"] = _environment(device)
     suite.results["command"] = " ".join(["python", "benchmarks/device_suite.py", *(argv or sys.argv[1:])])
     suite.log(json.dumps(suite.results["environment"]))
-    variants = list(C.VARIANTS)
+    # ours without the factor fold too: what the fold buys on this device (tests/test_fold_factors.py counts
+    # the kernels; only a device can time them)
+    variants = [*C.VARIANTS, "ours-paper-per-layer"]
 
     def speed_eager() -> list[dict[str, Any]]:
         rows = []
