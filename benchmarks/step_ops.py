@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parser.parse_args(argv)
     if "peft-lora" not in args.rows:
         parser.error("peft-lora is the reference; keep it in --rows")
+    if args.latent < 8 or args.latent % 8:
+        parser.error(f"--latent {args.latent}: use a multiple of 8 (the UNets halve it up to three times)")
     if args.quick:
         spec = C.tiny_spec(batch=1, latent=args.latent)
     else:

@@ -19,3 +19,11 @@ def test_step_ops_counts_launches_in_the_gpu_setting(capsys):
     assert totals["ours-zero"] < totals["ours-zero-per-layer"]
     table = capsys.readouterr().out
     assert "| ours-paper |" in table and "per adapted layer" in table
+
+
+def test_step_ops_refuses_a_latent_the_unet_cannot_halve(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        step_ops.main(["--quick", "--latent", "12"])
+    assert "--latent 12: use a multiple of 8" in capsys.readouterr().err
