@@ -3,7 +3,7 @@
 The frozen layer stays where it is, with its own class and parameter names, so diffusers, PEFT (diffusers'
 own LoRA) and savers keep seeing a plain layer. A child ``delora`` (:class:`DeLoRAContainer`, one
 :class:`DeLoRALayer` per named adapter) holds the adapter parameters, and a forward hook
-(:func:`delora_diffusion.fastpath.delora_forward_hook`) adds their update to the layer's output:
+(:func:`delora_diffusion.hooks.delora_forward_hook`) adds their update to the layer's output:
 
     y = layer(x) + sum over active adapters of  x @ A'^T @ B'^T
 

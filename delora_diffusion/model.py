@@ -11,7 +11,7 @@ from torch import nn
 
 from . import fastpath, functional
 from .config import DeLoRAConfig
-from .fastpath import attach, detach
+from .hooks import attach, detach
 from .layers import DeLoRAContainer, DeLoRALayer, merge_adapter, rebuild_weight, unmerge_adapter
 from .targets import find_targets
 from .util import DTYPES, check_adapter_name, finite_number
